@@ -1,0 +1,1 @@
+"""lrpjax: Layer-wise Relevance Propagation for Flax NNX models."""

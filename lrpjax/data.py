@@ -1,0 +1,190 @@
+"""Datasets: CIFAR-10 through tensorflow-datasets, image folders, and the shipped sample.
+
+Every loader returns ``(images, labels)``: images (N, H, W, C) float32 in [0, 1]
+(``pixels / 255``, as the reference), labels (N,) int32.
+
+Sources, given to `load` as one string:
+
+- ``"cifar10"``: `tfds.load` (needs internet the first time, and TensorFlow).
+- a folder in ``split/class/image`` layout, the layout `tfds.folder_dataset.ImageFolder`
+  reads; class labels are the class folders in sorted order (which is CIFAR-10's label order
+  for its class names);
+- a ``.tar.gz`` of such a folder, extracted once into a cache directory
+  (``$LRPJAX_CACHE`` or ``~/.cache/lrpjax``).
+
+Image folders are decoded with Pillow and the decoded split is cached as ``.npy`` beside the
+extraction, so TensorFlow is never imported for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DataUnavailableError", "cache_dir", "image_folder", "load", "sample"]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+
+class DataUnavailableError(RuntimeError):
+    """No dataset could be read from the source given."""
+
+
+def _how_to_get_data(problem: str) -> str:
+    return (
+        f"{problem}\nlrpjax reads data in two ways:\n"
+        "  1. --dataset cifar10: tensorflow-datasets downloads CIFAR-10 (needs internet once,\n"
+        "     and `pip install tensorflow-cpu`);\n"
+        "  2. --data-dir PATH: a folder in split/class/image layout (e.g. test/cat/0001.jpg),\n"
+        "     or a .tar.gz of one.\n"
+        "Without either, `lrpjax.data.sample()` gives the 100 shipped CIFAR-10 test images."
+    )
+
+
+def cache_dir() -> Path:
+    """Where extracted archives and decoded splits are kept."""
+    return Path(os.environ.get("LRPJAX_CACHE", Path.home() / ".cache" / "lrpjax"))
+
+
+def _extract(archive: Path) -> Path:
+    """Extract a ``.tar.gz`` once; a marker file written last says the extraction is whole."""
+    digest = hashlib.sha256(f"{archive.resolve()}:{archive.stat().st_size}".encode()).hexdigest()
+    target = cache_dir() / f"{archive.name.split('.')[0]}-{digest[:12]}"
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataUnavailableError(_how_to_get_data(f"cannot extract {archive}: {e}")) from None
+    (target / ".complete").touch()
+    return target
+
+
+def _dataset_root(folder: Path, split: str) -> Path:
+    """The folder that holds ``split/`` (an archive may wrap everything in one folder)."""
+    if (folder / split).is_dir():
+        return folder
+    children = [c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    if len(children) == 1 and (children[0] / split).is_dir():
+        return children[0]
+    found = sorted(c.name for c in children)
+    raise DataUnavailableError(
+        _how_to_get_data(f"{folder} has no '{split}' split folder (found: {found or 'nothing'})")
+    )
+
+
+def _decode_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    classes = sorted(c.name for c in split_dir.iterdir() if c.is_dir())
+    files = [
+        (f, label)
+        for label, name in enumerate(classes)
+        for f in sorted((split_dir / name).iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise DataUnavailableError(_how_to_get_data(f"no images under {split_dir}"))
+    images = []
+    for f, _ in tqdm(files, desc=f"decoding {split_dir.name}", unit="img", leave=False):
+        with Image.open(f) as im:
+            images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise DataUnavailableError(f"images under {split_dir} differ in size: {sorted(shapes)}")
+    return np.stack(images), np.array([label for _, label in files], np.int32), classes
+
+
+def image_folder(path: str | os.PathLike, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of an image folder (or ``.tar.gz`` of one).
+
+    Args:
+      path: folder with ``split/class/image`` files, or a ``.tar.gz`` archive of it.
+      split: the split folder's name, e.g. ``"train"`` or ``"test"``.
+
+    Returns:
+      images (N, H, W, 3) float32 in [0, 1]; labels (N,) int32, the index of the image's
+      class folder among the split's class folders in sorted order.
+
+    Raises:
+      DataUnavailableError: the path is missing, unreadable, or has no such split.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataUnavailableError(_how_to_get_data(f"{path} does not exist"))
+    if path.is_file():
+        if not path.name.endswith((".tar.gz", ".tgz")):
+            raise DataUnavailableError(_how_to_get_data(f"{path} is not a folder or .tar.gz"))
+        path = _extract(path)
+    root = _dataset_root(path, split)
+    split_dir = root / split
+    cached = split_dir.parent / f".{split}-decoded.npz"
+    stamp = str(max(p.stat().st_mtime_ns for p in split_dir.iterdir()))
+    if cached.exists():
+        with np.load(cached, allow_pickle=False) as npz:
+            if str(npz["stamp"]) == stamp:
+                return npz["images"].astype(np.float32) / 255.0, npz["labels"]
+    images, labels, _ = _decode_split(split_dir)
+    try:
+        tmp = cached.with_suffix(".tmp.npz")
+        np.savez(tmp, images=images, labels=labels, stamp=np.array(stamp))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only dataset folder: decode again next time
+    return images.astype(np.float32) / 255.0, labels
+
+
+def tfds_dataset(name: str = "cifar10", split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Load a split of a tensorflow-datasets image classification dataset into memory.
+
+    Raises:
+      DataUnavailableError: tfds cannot download or read the dataset here.
+    """
+    try:
+        import tensorflow_datasets as tfds
+
+        images, labels = tfds.as_numpy(
+            tfds.load(name, split=split, batch_size=-1, as_supervised=True)
+        )
+    except Exception as e:  # tfds raises many types: no TensorFlow, no network, bad split
+        raise DataUnavailableError(
+            _how_to_get_data(f"tensorflow-datasets could not load {name!r} ({split}): {e}")
+        ) from None
+    return images.astype(np.float32) / 255.0, labels.astype(np.int32)
+
+
+def load(source: str | os.PathLike, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Load a split from ``"cifar10"`` (tfds), an image folder, or a ``.tar.gz`` of one.
+
+    Returns:
+      images (N, H, W, C) float32 in [0, 1]; labels (N,) int32.
+    """
+    if str(source) == "cifar10":
+        return tfds_dataset("cifar10", split)
+    return image_folder(source, split)
+
+
+def sample() -> tuple[np.ndarray, np.ndarray]:
+    """The shipped sample: 100 CIFAR-10 test images, 10 per class, with their labels.
+
+    Returns:
+      images (100, 32, 32, 3) float32 in [0, 1]; labels (100,) int32.
+    """
+    ref = resources.files("lrpjax") / "assets" / "cifar10_sample.npz"
+    with resources.as_file(ref) as f, np.load(f, allow_pickle=False) as npz:
+        return npz["images"].astype(np.float32) / 255.0, npz["labels"].astype(np.int32)
