@@ -1,0 +1,222 @@
+"""Composites: which rule explains which layer.
+
+A composite maps keys to rules (`lrpjax.rules`). A key is one of:
+
+- a layer path, ``"conv1"`` or ``"blocks/0/conv"``, or a glob over paths (``"block*/conv"``);
+- a position: `FIRST` (the first layer with parameters to see the input) or `LAST`
+  (the last layer with parameters, which produces the output);
+- a layer type, e.g. ``nnx.Conv``; it also matches subclasses, the closest class winning.
+
+A layer takes the rule of its path if one matches, else that of its position, else that of
+its type. Parameter-free layers lrpjax knows (ReLU, dropout, flatten, max-pool) default to
+`rules.gradient` (winner-take-all through max-pool). A layer with no rule is an error, never
+a silent guess.
+
+Write a composite as a plain dict (``{nnx.Conv: rules.zplus(), FIRST: rules.flat()}``) or
+use a preset below by calling it (``epsilon(eps=0.25)``) or by name (``"epsilon"``).
+
+Every preset maps batch-norm, an affine layer in inference mode that here follows a ReLU and
+so cannot be merged into the linear layer before it, to `rules.epsilon` with eps=1e-6
+(argument ``batchnorm``): each input keeps the share ``a w / z`` of the normalised output
+and the shift's share is absorbed, as LRP does for any bias. The alternative,
+`rules.identity`, hands the whole output relevance to the input, including the share that
+the shift (not the input) produced.
+
+References:
+  Kohlbrenner, Bauer, Nakajima, Binder, Samek, Lapuschkin (2020). Towards best practice in
+  explaining neural network decisions with LRP. IJCNN.
+  Montavon, Binder, Lapuschkin, Samek, Müller (2019). Layer-Wise Relevance Propagation:
+  An Overview. LNCS 11700.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from flax import nnx
+
+from lrpjax import layers, rules
+
+__all__ = [
+    "FIRST",
+    "LAST",
+    "PRESETS",
+    "Composite",
+    "epsilon",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+    "epsilon_gamma_box",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "get",
+    "sequential_a",
+    "sequential_b",
+]
+
+FIRST = "<first>"
+LAST = "<last>"
+
+RuleLike = Callable[..., Any]
+
+#: Parameter-free layers whose relevance follows their own gradient unless mapped otherwise.
+PASS_THROUGH: tuple[type, ...] = (layers.ReLU, layers.Flatten, layers.MaxPool, nnx.Dropout)
+
+
+class Composite(NamedTuple):
+    """An ordered, hashable mapping of keys (path, position, type) to rules."""
+
+    name: str
+    mapping: tuple[tuple[Any, RuleLike], ...]
+
+    def rule_for(self, path: str, layer: nnx.Module, positions: frozenset[str]) -> RuleLike | None:
+        """The rule for a layer at `path` with `positions` (a subset of {FIRST, LAST})."""
+        for key, rule in self.mapping:
+            if isinstance(key, str) and key not in (FIRST, LAST) and fnmatch.fnmatchcase(path, key):
+                return rule
+        for key, rule in self.mapping:
+            if key in (FIRST, LAST) and key in positions:
+                return rule
+        typed = [
+            (type(layer).__mro__.index(key), rule)
+            for key, rule in self.mapping
+            if isinstance(key, type) and isinstance(layer, key)
+        ]
+        if typed:
+            return min(typed, key=lambda t: t[0])[1]
+        if isinstance(layer, PASS_THROUGH):
+            return rules.gradient()
+        return None
+
+    def __repr__(self) -> str:
+        return f"Composite({self.name})"
+
+
+def from_mapping(mapping: Mapping[Any, RuleLike], name: str = "custom") -> Composite:
+    """Make a `Composite` from a dict of key -> rule."""
+    for key, rule in mapping.items():
+        if not (isinstance(key, str | type)):
+            raise TypeError(f"composite key {key!r} is not a path, position or layer type")
+        if not callable(rule):
+            raise TypeError(f"composite value for {key!r} is not a rule: {rule!r}")
+    return Composite(name, tuple(mapping.items()))
+
+
+def _preset(name: str, dense, conv, bn, first=None) -> Composite:
+    mapping: dict[Any, RuleLike] = {nnx.Linear: dense, nnx.Conv: conv, nnx.BatchNorm: bn}
+    if first is not None:
+        mapping[FIRST] = first
+    return from_mapping(mapping, name)
+
+
+def epsilon(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
+    """LRP-epsilon everywhere (the reference study's choice).
+
+    Mapping: Linear -> epsilon(eps); Conv -> epsilon(eps); BatchNorm -> `batchnorm`
+    (default epsilon(1e-6)).
+    """
+    rule = rules.epsilon(eps)
+    return _preset(f"epsilon(eps={eps})", rule, rule, batchnorm or rules.epsilon())
+
+
+def epsilon_plus(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
+    """Mapping: Linear -> epsilon(eps); Conv -> zplus; BatchNorm -> epsilon(1e-6)."""
+    return _preset("epsilon_plus", rules.epsilon(eps), rules.zplus(), batchnorm or rules.epsilon())
+
+
+def epsilon_plus_flat(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
+    """Mapping: first layer -> flat; Linear -> epsilon(eps); Conv -> zplus;
+    BatchNorm -> epsilon(1e-6)."""
+    return _preset(
+        "epsilon_plus_flat", rules.epsilon(eps), rules.zplus(), batchnorm or rules.epsilon(),
+        first=rules.flat(),
+    )  # fmt: skip
+
+
+def epsilon_gamma_box(
+    gamma: float = 0.25,
+    eps: float = 1e-6,
+    low: Any = 0.0,
+    high: Any = 1.0,
+    batchnorm: RuleLike | None = None,
+) -> Composite:
+    """Mapping: first layer -> zbox(low, high); Linear -> epsilon(eps); Conv -> gamma(gamma);
+    BatchNorm -> epsilon(1e-6). `low`, `high`: the input's bounds (scalars or per channel)."""
+    return _preset(
+        "epsilon_gamma_box", rules.epsilon(eps), rules.gamma(gamma), batchnorm or rules.epsilon(),
+        first=rules.zbox(low, high),
+    )  # fmt: skip
+
+
+def epsilon_alpha2_beta1(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
+    """Mapping: Linear -> epsilon(eps); Conv -> alpha_beta(2, 1); BatchNorm -> epsilon(1e-6)."""
+    return _preset(
+        "epsilon_alpha2_beta1", rules.epsilon(eps), rules.alpha_beta(2, 1),
+        batchnorm or rules.epsilon(),
+    )  # fmt: skip
+
+
+def epsilon_alpha2_beta1_flat(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
+    """Mapping: first layer -> flat; Linear -> epsilon(eps); Conv -> alpha_beta(2, 1);
+    BatchNorm -> epsilon(1e-6)."""
+    return _preset(
+        "epsilon_alpha2_beta1_flat", rules.epsilon(eps), rules.alpha_beta(2, 1),
+        batchnorm or rules.epsilon(), first=rules.flat(),
+    )  # fmt: skip
+
+
+def sequential_a(eps: float = 0.25, batchnorm: RuleLike | None = None) -> Composite:
+    """Sequential composite A (Kohlbrenner et al. 2020): dense layers epsilon, convolutions
+    alpha1-beta0.
+
+    Mapping: Linear -> epsilon(eps); Conv -> alpha_beta(1, 0); BatchNorm -> epsilon(1e-6).
+    """
+    return _preset(
+        f"sequential_a(eps={eps})", rules.epsilon(eps), rules.alpha_beta(1, 0),
+        batchnorm or rules.epsilon(),
+    )  # fmt: skip
+
+
+def sequential_b(eps: float = 0.25, batchnorm: RuleLike | None = None) -> Composite:
+    """Sequential composite B (Kohlbrenner et al. 2020): dense layers epsilon, convolutions
+    alpha2-beta1.
+
+    Mapping: Linear -> epsilon(eps); Conv -> alpha_beta(2, 1); BatchNorm -> epsilon(1e-6).
+    """
+    return _preset(
+        f"sequential_b(eps={eps})", rules.epsilon(eps), rules.alpha_beta(2, 1),
+        batchnorm or rules.epsilon(),
+    )  # fmt: skip
+
+
+PRESETS: dict[str, Callable[..., Composite]] = {
+    f.__name__: f
+    for f in (
+        epsilon,
+        epsilon_plus,
+        epsilon_plus_flat,
+        epsilon_gamma_box,
+        epsilon_alpha2_beta1,
+        epsilon_alpha2_beta1_flat,
+        sequential_a,
+        sequential_b,
+    )
+}
+
+
+def get(composite: str | Composite | Mapping[Any, RuleLike]) -> Composite:
+    """Resolve a preset name, a `Composite`, or a dict into a `Composite`.
+
+    Raises:
+      ValueError: for an unknown preset name, listing the known ones.
+    """
+    if isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, str):
+        if composite not in PRESETS:
+            raise ValueError(f"unknown composite {composite!r}; presets: {', '.join(PRESETS)}")
+        return PRESETS[composite]()
+    if isinstance(composite, Mapping):
+        return from_mapping(composite)
+    raise TypeError(f"a composite is a preset name, a Composite or a dict, not {composite!r}")

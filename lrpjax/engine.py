@@ -1,0 +1,382 @@
+r"""The LRP engine: one jit-compiled, vmappable pass of `jax.vjp` over a rule-modified model.
+
+How it works. Inside the traced function, the model is rebuilt from its state and every
+layer (a module with no sub-modules) is replaced by a `_Probe` that calls it through a
+`jax.custom_vjp`: the forward value is the layer's own, the backward applies the layer's
+rule. What flows backwards between layers is :math:`c = R / a`, the relevance per unit of
+activation, so that the model's own glue code (ReLUs written as functions, reshapes,
+max-pooling, residual additions) is handled by ordinary autodiff and stays conservative:
+at a sum :math:`a_1 + a_2` each summand gets :math:`R_i = a_i c`, its proportional share;
+at a max-pool the maximum gets all of it. A layer's probe receives
+:math:`R_{out} = y \odot c_{out}` and hands back :math:`c_{in} = R_{in} \oslash a`. The
+exact :math:`R_{in}` of every layer leaves through the cotangent of a zero "probe" input,
+which is how `layerwise=True` reads the relevance at every layer without a second pass.
+
+Output relevance (``init``) is put on the logits: ``"logit"`` (the target's logit),
+``"probability"`` (its softmax probability, the reference's definition), ``"one"``, or
+``"sglrp"`` (softmax-gradient LRP, Iwana et al. 2019: the gradient of the target's
+probability with respect to the logits, :math:`p_t(\delta_{tk} - p_k)`, which is positive
+for the target and negative for competing classes and so gives contrastive maps).
+
+References:
+  Bach et al. (2015), PLoS ONE 10(7). Montavon et al. (2019), LNCS 11700.
+  Iwana, Kuroki, Uchida (2019). Explaining convolutional neural networks using softmax
+  gradient layer-wise relevance propagation. ICCV Workshops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lrpjax import composites as composites_lib
+from lrpjax import rules as rules_lib
+
+__all__ = ["INITS", "Explanation", "LayerError", "explain", "explainer", "output_relevance"]
+
+INITS = ("logit", "probability", "one", "sglrp")
+# |a| below this carries no relevance per unit (c = R / a would overflow).
+_TINY = 1e-20
+
+
+class LayerError(TypeError):
+    """The model holds a layer that lrpjax cannot explain with the composite given."""
+
+
+class Explanation(NamedTuple):
+    """What `explain` returns.
+
+    Attributes:
+      relevance: relevance at the input, shape of x; (N, K, ...) for K targets per image.
+      logits: (N, C) model output.
+      target: (N,) or (N, K) the explained classes.
+      layers: relevance at the input of every layer, keyed by the layer's path ('/'-joined
+        attribute names), or None unless ``layerwise=True``.
+    """
+
+    relevance: jax.Array
+    logits: jax.Array
+    target: jax.Array
+    layers: dict[str, jax.Array] | None
+
+
+def output_relevance(logits: jax.Array, target: jax.Array, init: str | Callable) -> jax.Array:
+    """Relevance put on the output.
+
+    Args:
+      logits: (N, C).
+      target: (N,) int class per image.
+      init: ``"logit"``, ``"probability"``, ``"one"``, ``"sglrp"``, or a callable
+        ``init(logits, target) -> (N, C)``.
+
+    Returns:
+      (N, C) relevance: zero but at the target, except for ``"sglrp"`` (all classes) and
+      callables.
+    """
+    onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
+    if callable(init):
+        return init(logits, target)
+    if init == "logit":
+        return onehot * logits
+    if init == "probability":
+        return onehot * jax.nn.softmax(logits)
+    if init == "one":
+        return onehot
+    if init == "sglrp":
+        p = jax.nn.softmax(logits)
+        p_target = jnp.sum(onehot * p, axis=-1, keepdims=True)
+        return p_target * (onehot - p)
+    raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)} or a callable")
+
+
+def _safe_per_unit(R: jax.Array, a: jax.Array) -> jax.Array:
+    ok = jnp.abs(a) > _TINY
+    return jnp.where(ok, R / jnp.where(ok, a, 1.0), 0.0)
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _has_own_params(module: nnx.Module) -> bool:
+    return any(isinstance(v, nnx.Param) for v in vars(module).values())
+
+
+class _Tape:
+    """Trace-time state shared by the probes of one model: call order, rules, probes."""
+
+    def __init__(self):
+        self.recording = True
+        self.model_input: Any = None
+        self.calls: list[str] = []
+        self.shapes: dict[str, jax.ShapeDtypeStruct] = {}
+        self.takes_input: set[str] = set()
+        self.rules: dict[str, Callable] = {}
+        self.probes: dict[str, jax.Array] = {}
+
+
+class _Probe:
+    """Stands in for a layer during tracing; applies its rule on the backward pass."""
+
+    def __init__(self, layer: nnx.Module, path: str, tape: _Tape):
+        self.layer, self.path, self.tape = layer, path, tape
+
+    def __call__(self, a: jax.Array) -> jax.Array:
+        tape, layer, path = self.tape, self.layer, self.path
+        if tape.recording:
+            if path in tape.shapes:
+                raise LayerError(
+                    f"layer {path!r} is called more than once; lrpjax needs one call per layer"
+                )
+            tape.calls.append(path)
+            tape.shapes[path] = jax.ShapeDtypeStruct(a.shape, a.dtype)
+            if a is tape.model_input:
+                tape.takes_input.add(path)
+            return layer(a)
+        rule = tape.rules[path]
+        follows_gradient = isinstance(rule, rules_lib.Rule) and rule.fn is rules_lib._gradient
+
+        @jax.custom_vjp
+        def relevance_gate(a, probe):
+            del probe
+            return layer(a)
+
+        def fwd(a, probe):
+            y = layer(a)
+            return y, (a, y)
+
+        def bwd(residuals, c_out):
+            a, y = residuals
+            if follows_gradient:  # c passes by the chain rule, no division needed
+                _, vjp = jax.vjp(layer, a)
+                c_in = vjp(c_out)[0]
+                return c_in, a * c_in
+            R_in = rule(layer, a, y * c_out)
+            return _safe_per_unit(R_in, a), R_in
+
+        relevance_gate.defvjp(fwd, bwd)
+        return relevance_gate(a, tape.probes[path])
+
+
+def _instrument(model: nnx.Module, composite: composites_lib.Composite, tape: _Tape) -> nnx.Module:
+    """Replace every layer of `model` (a fresh copy inside the trace) by a `_Probe`."""
+    layer_paths = []
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.RngStream | nnx.Rngs):
+            continue
+        children = [
+            c
+            for _, c in nnx.iter_children(module)
+            if isinstance(c, nnx.Module) and not isinstance(c, nnx.RngStream | nnx.Rngs)
+        ]
+        if children:
+            if _has_own_params(module):
+                raise LayerError(
+                    f"module {_path_str(path) or '<root>'} ({type(module).__name__}) has both "
+                    "parameters and sub-modules; lrpjax explains layers, not such hybrids"
+                )
+            continue
+        layer_paths.append(path)
+    if layer_paths == [()]:  # the model is a single layer
+        root = model
+
+        class _Single(nnx.Module):
+            def __init__(self):
+                self.layer = root
+
+            def __call__(self, x):
+                return self.layer(x)
+
+        model, layer_paths = _Single(), [("layer",)]
+    for path in layer_paths:
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        layer = parent[path[-1]] if isinstance(path[-1], int) else getattr(parent, path[-1])
+        probe = _Probe(layer, _path_str(path), tape)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = probe
+        else:
+            setattr(parent, path[-1], probe)
+    return model
+
+
+def _resolve_rules(model_probes: dict[str, nnx.Module], composite, tape: _Tape) -> None:
+    with_params = [p for p in tape.calls if nnx.state(model_probes[p], nnx.Param)]
+    first = with_params[0] if with_params else None
+    last = with_params[-1] if with_params else None
+    for path in tape.calls:
+        layer = model_probes[path]
+        positions = frozenset(
+            k for k, p in ((composites_lib.FIRST, first), (composites_lib.LAST, last)) if p == path
+        )
+        rule = composite.rule_for(path, layer, positions)
+        if rule is None:
+            raise LayerError(
+                f"no rule for layer {path!r} ({type(layer).__name__}) in composite "
+                f"{composite.name}: map its type or path to a rule from lrpjax.rules"
+            )
+        tape.rules[path] = rule
+
+
+def explainer(
+    model: nnx.Module,
+    *,
+    composite: str | composites_lib.Composite | Mapping = "epsilon",
+    init: str | Callable = "logit",
+    layerwise: bool = False,
+) -> tuple[Callable, nnx.State]:
+    """The explanation as a pure function, for `jax.jit`, `jax.vmap` and sharding.
+
+    Args:
+      model: a Flax NNX model (its current state is taken; it is explained in eval mode).
+      composite, init, layerwise: as for `explain`.
+
+    Returns:
+      ``(fn, state)``: ``fn(state, x, target) -> Explanation``, a pure function of arrays,
+      with ``target`` an int array (N,) or (N, K) (K targets per image share one forward
+      pass); and the model's state to call it with.
+    """
+    graphdef, state = nnx.split(model)
+    return _explain_fn(graphdef, composites_lib.get(composite), init, layerwise), state
+
+
+@lru_cache(maxsize=64)
+def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
+    def fn(state, x, target):
+        model = nnx.merge(graphdef, state, copy=True)
+        model.eval()
+        tape = _Tape()
+        model = _instrument(model, composite, tape)
+        probes_by_path = {}
+        for _, obj in _walk_probes(model):
+            probes_by_path[obj.path] = obj.layer
+
+        def record(x):
+            tape.model_input = x
+            return model(x)
+
+        jax.eval_shape(record, x)
+        tape.recording = False
+        _resolve_rules(probes_by_path, composite, tape)
+        zeros = {p: jnp.zeros(s.shape, s.dtype) for p, s in tape.shapes.items()}
+
+        def forward(x, probes):
+            tape.probes = probes
+            return model(x)
+
+        logits, vjp = jax.vjp(forward, x, zeros)
+
+        def backward(t):
+            R_top = output_relevance(logits, t, init)
+            c_x, R_layers = vjp(_safe_per_unit(R_top, logits).astype(logits.dtype))
+            relevance = x * c_x
+            direct = [R_layers[p] for p in tape.takes_input]
+            if direct:  # rules like flat or z^B give relevance to zero inputs, too
+                relevance = relevance + jnp.where(jnp.abs(x) > _TINY, 0.0, sum(direct))
+            ordered = {p: R_layers[p] for p in tape.calls} if layerwise else None
+            return relevance, ordered
+
+        if target.ndim == 2:
+            relevance, layers = jax.vmap(backward, in_axes=1, out_axes=1)(target)
+        else:
+            relevance, layers = backward(target)
+        return Explanation(relevance, logits, target, layers)
+
+    return fn
+
+
+def _walk_probes(obj, seen=None):
+    """Yield (path, probe) for all probes reachable from an instrumented model."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, _Probe):
+        yield obj.path, obj
+        return
+    if isinstance(obj, nnx.Module):
+        items = list(vars(obj).values())
+    elif isinstance(obj, list | tuple):
+        items = list(obj)
+    elif isinstance(obj, dict):
+        items = list(obj.values())
+    else:
+        return
+    for item in items:
+        yield from _walk_probes(item, seen)
+
+
+@lru_cache(maxsize=64)
+def _jitted(graphdef, composite, init, layerwise):
+    return jax.jit(_explain_fn(graphdef, composite, init, layerwise))
+
+
+def _predicted(graphdef, state, x):
+    return jnp.argmax(nnx.merge(graphdef, state, copy=True)(x), axis=-1)
+
+
+def explain(
+    model: nnx.Module,
+    x: jax.Array | np.ndarray,
+    *,
+    composite: str | composites_lib.Composite | Mapping = "epsilon",
+    target: int | jax.Array | np.ndarray | None = None,
+    init: str | Callable = "logit",
+    layerwise: bool = False,
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """Explain a batch of predictions with LRP.
+
+    Args:
+      model: a Flax NNX model built from `nnx.Linear`, `nnx.Conv`, `nnx.BatchNorm`,
+        pooling, activations and residual additions; explained in eval mode.
+      x: (N, ...) batch of inputs (finite).
+      composite: a preset name (``"epsilon"``, ``"epsilon_plus_flat"``, ...), a
+        `lrpjax.composites.Composite`, or a dict of layer type / path / position -> rule.
+      target: None (the predicted class), an int, an (N,) int array, or an (N, K) int
+        array for K explanations per image from one forward pass.
+      init: output relevance: ``"logit"``, ``"probability"``, ``"one"``, ``"sglrp"``,
+        or a callable ``init(logits, target) -> (N, C)``.
+      layerwise: also return the relevance at the input of every layer.
+
+    Returns:
+      Relevance with the shape of x ((N, K, ...) for an (N, K) target); with
+      ``layerwise=True``, ``(relevance, {layer path: relevance at that layer's input})``.
+
+    Raises:
+      ValueError: for NaN/Inf inputs, an unknown init or composite, or a bad target.
+      LayerError: for a layer without a rule.
+    """
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError("explain() checks its input; under jit/vmap use lrpjax.explainer()")
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must be a batch (N, ...), got shape {x.shape}")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("input contains NaN or Inf values")
+    if not callable(init) and init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)} or a callable")
+    composite = composites_lib.get(composite)
+    graphdef, state = nnx.split(model)
+    if target is None:
+        target = jax.jit(_predicted, static_argnums=0)(graphdef, state, x)
+    target = jnp.asarray(target)
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        raise ValueError(f"target must be integer class indices, got dtype {target.dtype}")
+    if target.ndim == 0:
+        target = jnp.full((x.shape[0],), target)
+    if target.ndim not in (1, 2) or target.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"target must be an int, (N,) or (N, K) for N={x.shape[0]}, got {target.shape}"
+        )
+    out = _jitted(graphdef, composite, init, layerwise)(state, x, target)
+    num_classes = out.logits.shape[-1]
+    if bool(jnp.any((target < 0) | (target >= num_classes))):
+        raise ValueError(f"target outside the model's {num_classes} classes: {np.unique(target)}")
+    return (out.relevance, out.layers) if layerwise else out.relevance

@@ -1,0 +1,430 @@
+r"""LRP rules: how one layer hands the relevance at its output to its inputs.
+
+A rule is a pure function ``rule(layer, a, R) -> R_in``:
+
+- ``layer``: the Flax NNX layer (`nnx.Linear`, `nnx.Conv` of any dimension, `nnx.BatchNorm`
+  in inference mode, or a parameter-free layer such as `lrpjax.layers.MaxPool`);
+- ``a``: the layer's input activations, shape (N, ...);
+- ``R``: the relevance at the layer's output, with the output's shape;
+- returns ``R_in``, the relevance at the layer's input, with the shape of ``a``.
+
+Write a new rule as such a function and map it in a composite. The presets below are
+`Rule` values (a function and its bound parameters) so that equal rules compare equal and
+a jit-compiled explanation is reused.
+
+Conventions. A linear layer computes :math:`z_k = \sum_j a_j w_{jk} + b_k` (for a
+convolution, the sum runs over the receptive field; for batch-norm in inference mode,
+:math:`w = \mathrm{scale} / \sqrt{\mathrm{var} + \epsilon_{BN}}` per channel and
+:math:`b = \mathrm{bias} - \mathrm{mean} \cdot w`). The stabiliser is
+:math:`\mathrm{stabilize}(z) = z + \epsilon \cdot \mathrm{sign}(z)` with
+:math:`\mathrm{sign}(0) = +1`. :math:`(\cdot)^+ = \max(\cdot, 0)`,
+:math:`(\cdot)^- = \min(\cdot, 0)`.
+
+Every rule of the form :math:`R_j = \sum_k \frac{a_j \rho(w_{jk})}{\mathrm{stabilize}(\sum_j
+a_j \rho(w_{jk}) + \rho(b_k))} R_k` is computed the same way (Montavon et al. 2019, Sec.
+10.2.3): :math:`z = \rho(\text{layer})(a)`, :math:`s = R / \mathrm{stabilize}(z)`,
+:math:`c = J_\rho^\top s` by `jax.vjp`, :math:`R_{in} = a \odot c`. No per-neuron loop
+and no explicit weight matrix: a convolution's rule costs one convolution and its
+transpose.
+
+References:
+  Bach, Binder, Montavon, Klauschen, Müller, Samek (2015). On pixel-wise explanations for
+  non-linear classifier decisions by layer-wise relevance propagation. PLoS ONE 10(7).
+  Montavon, Binder, Lapuschkin, Samek, Müller (2019). Layer-Wise Relevance Propagation:
+  An Overview. In: Explainable AI, LNCS 11700, Springer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lrpjax.layers import MaxPool, _upsample, _window_axes, _windowed
+
+__all__ = [
+    "Affine",
+    "Rule",
+    "alpha_beta",
+    "as_affine",
+    "epsilon",
+    "flat",
+    "gamma",
+    "gradient",
+    "identity",
+    "proportional",
+    "stabilize",
+    "wsquare",
+    "z",
+    "zbox",
+    "zplus",
+]
+
+Array = jax.Array
+
+
+class Rule(NamedTuple):
+    """A rule function with its parameters bound; called as ``rule(layer, a, R)``.
+
+    Attributes:
+      fn: ``fn(layer, a, R, **params) -> R_in``.
+      params: the keyword parameters, as a tuple of (name, value) pairs (hashable).
+    """
+
+    fn: Callable[..., Array]
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, layer: nnx.Module, a: Array, R: Array) -> Array:
+        return self.fn(layer, a, R, **dict(self.params))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params)
+        return f"{self.fn.__name__.strip('_')}({args})"
+
+
+def stabilize(z: Array, eps: float) -> Array:
+    """z + eps * sign(z), with sign(0) = +1, so the result is never zero for eps > 0."""
+    return z + eps * jnp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+
+
+def _safe_divide(num: Array, den: Array) -> Array:
+    """num / den, and 0 where den == 0."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Linear layers as (forward with any weights, weights, bias)
+
+
+class Affine(NamedTuple):
+    """A linear layer seen as ``apply(a, kernel, bias) = a W + b`` with replaceable weights.
+
+    ``bias`` may be None (a layer without bias); ``apply(a, kernel, None)`` omits it.
+    """
+
+    apply: Callable[[Array, Array, Array | None], Array]
+    kernel: Array
+    bias: Array | None
+
+
+def _module_with(layer: nnx.Module, kernel: Array, bias: Array | None) -> nnx.Module:
+    """A copy of `layer` with other kernel and bias values (a pure tree operation)."""
+    graph, state = nnx.split(layer)
+    values = nnx.to_pure_dict(state)
+    values["kernel"] = kernel
+    if "bias" in values:
+        values["bias"] = bias if bias is not None else jnp.zeros_like(values["bias"])
+    return nnx.merge(graph, values)
+
+
+def as_affine(layer: nnx.Module) -> Affine:
+    """View `nnx.Linear`, `nnx.Conv` (1D/2D/3D, any padding) or `nnx.BatchNorm` as `Affine`.
+
+    Linear and convolution layers run their own forward with substituted weights, so every
+    option of the layer (strides, padding, dilation, groups) is honoured. Batch-norm is
+    taken in inference mode: a per-channel scale and shift of its running statistics.
+
+    Raises:
+      TypeError: for any other layer.
+    """
+    if isinstance(layer, nnx.Linear | nnx.Conv):
+        bias = layer.bias[...] if layer.bias is not None else None
+
+        def apply(a: Array, kernel: Array, b: Array | None) -> Array:
+            return _module_with(layer, kernel, b)(a)
+
+        return Affine(apply, layer.kernel[...], bias)
+    if isinstance(layer, nnx.BatchNorm):
+        inv_std = jax.lax.rsqrt(layer.var[...] + layer.epsilon)
+        scale = layer.scale[...] * inv_std if layer.scale is not None else inv_std
+        shift = -layer.mean[...] * scale
+        if layer.bias is not None:
+            shift = shift + layer.bias[...]
+        if layer.axis != -1:
+            raise TypeError("lrpjax handles BatchNorm over the last (channel) axis only")
+
+        def apply(a: Array, kernel: Array, b: Array | None) -> Array:
+            return a * kernel if b is None else a * kernel + b
+
+        return Affine(apply, scale, shift)
+    raise TypeError(f"{type(layer).__name__} is not a linear layer lrpjax knows")
+
+
+def _pos(x: Array | None) -> Array | None:
+    return None if x is None else jnp.maximum(x, 0)
+
+
+def _neg(x: Array | None) -> Array | None:
+    return None if x is None else jnp.minimum(x, 0)
+
+
+def _zeros(x: Array | None) -> Array | None:
+    return None if x is None else jnp.zeros_like(x)
+
+
+def _scaled(f: Callable[..., Array], inputs: tuple[Array, ...], R: Array, eps: float):
+    """LRP's core step: z = f(*inputs); s = R / stabilize(z); return inputs * J_f^T s."""
+    z, vjp = jax.vjp(f, *inputs)
+    grads = vjp(R / stabilize(z, eps))
+    return sum(x * g for x, g in zip(inputs, grads, strict=True))
+
+
+# ---------------------------------------------------------------------------------------
+# Rules for linear layers
+
+
+def _epsilon(layer: nnx.Module, a: Array, R: Array, *, eps: float) -> Array:
+    aff = as_affine(layer)
+    return _scaled(lambda x: aff.apply(x, aff.kernel, aff.bias), (a,), R, eps)
+
+
+def epsilon(eps: float = 1e-6) -> Rule:
+    r"""LRP-epsilon (Bach et al. 2015; Montavon et al. 2019, Eq. 10.2).
+
+    .. math:: R_j = \sum_k \frac{a_j w_{jk}}{\mathrm{stabilize}(z_k)} R_k,
+       \qquad z_k = \sum_j a_j w_{jk} + b_k
+
+    The stabiliser absorbs relevance of weak or contradictory outputs; eps -> 0 gives LRP-0.
+    The bias's share :math:`b_k / z_k \cdot R_k` is not passed on.
+
+    Args:
+      eps: stabiliser, >= 0.
+    """
+    return Rule(_epsilon, (("eps", float(eps)),))
+
+
+def z() -> Rule:
+    r"""LRP-0 (Bach et al. 2015): :math:`R_j = \sum_k a_j w_{jk} / z_k \cdot R_k`.
+
+    Computed as `epsilon` with eps = 0, except that outputs with :math:`z_k = 0` pass
+    nothing (instead of dividing by zero).
+    """
+    return Rule(_z)
+
+
+def _z(layer: nnx.Module, a: Array, R: Array) -> Array:
+    aff = as_affine(layer)
+    zk, vjp = jax.vjp(lambda x: aff.apply(x, aff.kernel, aff.bias), a)
+    return a * vjp(_safe_divide(R, zk))[0]
+
+
+def _alpha_beta(layer: nnx.Module, a: Array, R: Array, *, alpha: float, beta: float, eps: float):
+    aff = as_affine(layer)
+    ap, an = jnp.maximum(a, 0), jnp.minimum(a, 0)
+    wp, wn = _pos(aff.kernel), _neg(aff.kernel)
+
+    def z_pos(xp, xn):  # positive contributions: w+ a+ and w- a-
+        return aff.apply(xp, wp, _pos(aff.bias)) + aff.apply(xn, wn, _zeros(aff.bias))
+
+    def z_neg(xp, xn):  # negative contributions: w- a+ and w+ a-
+        return aff.apply(xp, wn, _neg(aff.bias)) + aff.apply(xn, wp, _zeros(aff.bias))
+
+    relevance = alpha * _scaled(z_pos, (ap, an), R, eps)
+    if beta != 0:
+        relevance = relevance - beta * _scaled(z_neg, (ap, an), R, eps)
+    return relevance
+
+
+def alpha_beta(alpha: float = 2.0, beta: float = 1.0, eps: float = 1e-6) -> Rule:
+    r"""LRP-alpha-beta (Bach et al. 2015; Montavon et al. 2019, Sec. 10.2.3).
+
+    .. math:: R_j = \sum_k \Big( \alpha \frac{(a_j w_{jk})^+}{z_k^+}
+                              - \beta \frac{(a_j w_{jk})^-}{z_k^-} \Big) R_k
+
+    with :math:`z_k^+ = \sum_j (a_j^+ w_{jk}^+ + a_j^- w_{jk}^-) + b_k^+` and
+    :math:`z_k^- = \sum_j (a_j^+ w_{jk}^- + a_j^- w_{jk}^+) + b_k^-` (both denominators
+    stabilised with eps). Positive and negative parts of inputs and weights are both
+    separated, so the rule is also right for signed inputs (here: after batch-norm).
+
+    Args:
+      alpha: weight of positive contributions.
+      beta: weight of negative contributions; alpha - beta must be 1 (conservation).
+      eps: stabiliser of the denominators.
+    """
+    if abs(alpha - beta - 1.0) > 1e-9:
+        raise ValueError(f"alpha - beta must be 1, got alpha={alpha}, beta={beta}")
+    return Rule(_alpha_beta, (("alpha", float(alpha)), ("beta", float(beta)), ("eps", float(eps))))
+
+
+def zplus(eps: float = 1e-6) -> Rule:
+    r"""LRP-z+ (Montavon et al. 2019, Eq. 10.4 generalised to signed inputs): alpha=1, beta=0.
+
+    .. math:: R_j = \sum_k \frac{(a_j w_{jk})^+}{z_k^+} R_k
+    """
+    return alpha_beta(1.0, 0.0, eps)
+
+
+def _gamma(layer: nnx.Module, a: Array, R: Array, *, gamma: float, eps: float) -> Array:
+    aff = as_affine(layer)
+    ap, an = jnp.maximum(a, 0), jnp.minimum(a, 0)
+    w, b = aff.kernel, aff.bias
+    w_up, w_down = w + gamma * _pos(w), w + gamma * _neg(w)
+    b_up = None if b is None else b + gamma * _pos(b)
+    b_down = None if b is None else b + gamma * _neg(b)
+    positive = aff.apply(a, w, b) > 0
+
+    def z_mod(xp, xn):
+        # Outputs > 0 favour positive contributions (a+ w+, a- w-), outputs <= 0 negative ones.
+        up = aff.apply(xp, w_up, b_up) + aff.apply(xn, w_down, _zeros(b))
+        down = aff.apply(xp, w_down, b_down) + aff.apply(xn, w_up, _zeros(b))
+        return jnp.where(positive, up, down)
+
+    return _scaled(z_mod, (ap, an), R, eps)
+
+
+def gamma(gamma: float = 0.25, eps: float = 1e-6) -> Rule:
+    r"""LRP-gamma (Montavon et al. 2019, Eq. 10.3): weights :math:`w + \gamma w^+`.
+
+    .. math:: R_j = \sum_k \frac{a_j w_{jk} + \gamma (a_j w_{jk})^{\pm}}
+                               {\sum_j (a_j w_{jk} + \gamma (a_j w_{jk})^{\pm}) + b_k + \gamma b_k^{\pm}} R_k
+
+    where :math:`\pm` is the sign of the output :math:`z_k`: contributions of the same sign
+    as the output are amplified by 1 + gamma. For non-negative inputs and positive outputs
+    this is exactly :math:`\rho(w) = w + \gamma w^+` of the paper.
+
+    Args:
+      gamma: amplification of same-sign contributions, >= 0 (0 gives LRP-epsilon).
+      eps: stabiliser.
+    """
+    return Rule(_gamma, (("gamma", float(gamma)), ("eps", float(eps))))
+
+
+def _zbox(layer: nnx.Module, a: Array, R: Array, *, low: Any, high: Any, eps: float) -> Array:
+    aff = as_affine(layer)
+    lo = jnp.broadcast_to(jnp.asarray(low, a.dtype), a.shape)
+    hi = jnp.broadcast_to(jnp.asarray(high, a.dtype), a.shape)
+    wp, wn, w = _pos(aff.kernel), _neg(aff.kernel), aff.kernel
+
+    def z_box(x, l, h):
+        return aff.apply(x, w, None) - aff.apply(l, wp, None) - aff.apply(h, wn, None)
+
+    return _scaled(z_box, (a, lo, hi), R, eps)
+
+
+def zbox(low: Any = 0.0, high: Any = 1.0, eps: float = 1e-6) -> Rule:
+    r"""LRP-z^B for the input layer (Montavon et al. 2017; Montavon et al. 2019, Sec. 10.2.3).
+
+    .. math:: R_i = \sum_j \frac{x_i w_{ij} - l_i w_{ij}^+ - h_i w_{ij}^-}
+                               {\sum_i (x_i w_{ij} - l_i w_{ij}^+ - h_i w_{ij}^-)} R_j
+
+    for inputs bounded by :math:`l_i \le x_i \le h_i`; the bias is not used.
+
+    Args:
+      low, high: bounds, scalars or per-channel arrays broadcastable to the input
+        (e.g. shape (3,) for RGB); (0, 1) for images in [0, 1].
+      eps: stabiliser.
+    """
+    return Rule(_zbox, (("low", _hashable(low)), ("high", _hashable(high)), ("eps", float(eps))))
+
+
+def _hashable(x: Any) -> Any:
+    return tuple(float(v) for v in jnp.ravel(jnp.asarray(x))) if jnp.ndim(x) else float(x)
+
+
+def _flat(layer: nnx.Module, a: Array, R: Array, *, eps: float) -> Array:
+    aff = as_affine(layer)
+    ones = jnp.ones_like(a)
+    return _scaled(lambda x: aff.apply(x, jnp.ones_like(aff.kernel), None), (ones,), R, eps)
+
+
+def flat(eps: float = 1e-6) -> Rule:
+    r"""Flat rule (Lapuschkin et al. 2019): every connected input gets an equal share.
+
+    .. math:: R_i = \sum_j \frac{1}{\sum_{i'} 1} R_j
+
+    where the sum over :math:`i'` counts the inputs connected to output j (for a padded
+    convolution, fewer at the border). Independent of the input values.
+
+    Args:
+      eps: stabiliser.
+    """
+    return Rule(_flat, (("eps", float(eps)),))
+
+
+def _wsquare(layer: nnx.Module, a: Array, R: Array, *, eps: float) -> Array:
+    aff = as_affine(layer)
+    ones = jnp.ones_like(a)
+    return _scaled(lambda x: aff.apply(x, jnp.square(aff.kernel), None), (ones,), R, eps)
+
+
+def wsquare(eps: float = 1e-6) -> Rule:
+    r"""w^2 rule (Montavon et al. 2017): shares proportional to squared weights.
+
+    .. math:: R_i = \sum_j \frac{w_{ij}^2}{\sum_{i'} w_{i'j}^2} R_j
+
+    Args:
+      eps: stabiliser.
+    """
+    return Rule(_wsquare, (("eps", float(eps)),))
+
+
+# ---------------------------------------------------------------------------------------
+# Rules for any layer
+
+
+def _identity(layer: nnx.Module, a: Array, R: Array) -> Array:
+    if R.size != a.size:
+        raise ValueError(
+            f"rule 'identity' needs as many outputs as inputs, {type(layer).__name__} maps "
+            f"{a.shape} to {R.shape}"
+        )
+    return R.reshape(a.shape)
+
+
+def identity() -> Rule:
+    """Pass rule: :math:`R_{in} = R` (reshaped), for layers whose output is their input
+    up to an elementwise change, e.g. batch-norm or activations."""
+    return Rule(_identity)
+
+
+def _gradient(layer: nnx.Module, a: Array, R: Array) -> Array:
+    y, vjp = jax.vjp(layer, a)
+    return a * vjp(_safe_divide(R, y))[0]
+
+
+def gradient() -> Rule:
+    r"""Relevance along the layer's own gradient: :math:`R_{in} = a \odot J^\top (R \oslash y)`.
+
+    The rule for positively homogeneous parameter-free layers (ReLU, dropout in eval mode,
+    reshapes, max-pooling), where it passes relevance through unchanged in total; for
+    max-pooling it is winner-take-all (Montavon et al. 2019, Sec. 10.2.2: relevance to the
+    maximum of each window; ties share it). The engine computes it without the division.
+    """
+    return Rule(_gradient)
+
+
+def _proportional(layer: nnx.Module, a: Array, R: Array, *, eps: float) -> Array:
+    if not isinstance(layer, MaxPool):
+        raise TypeError(f"rule 'proportional' is for MaxPool layers, not {type(layer).__name__}")
+    window = layer.window
+    axes = _window_axes(window)
+    aw = _windowed(a, window)
+    share = aw / stabilize(jnp.sum(aw, axis=axes, keepdims=True), eps)
+    rw = share * _upsample(R, window)
+    out = rw.reshape(
+        aw.shape[:1]
+        + tuple(s * w for s, w in zip(R.shape[1:-1], window, strict=True))
+        + aw.shape[-1:]
+    )
+    pad = (
+        [(0, 0)]
+        + [(0, s - o) for s, o in zip(a.shape[1:-1], out.shape[1:-1], strict=True)]
+        + [(0, 0)]
+    )
+    return jnp.pad(out, pad)
+
+
+def proportional(eps: float = 1e-6) -> Rule:
+    r"""Max-pooling handled as sum-pooling: each input of a window gets a share of the
+    window's relevance proportional to its activation,
+    :math:`R_i = a_i / \mathrm{stabilize}(\sum_{i' \in w} a_{i'}) \cdot R_w`
+    (Montavon et al. 2019, Sec. 10.2.2). The alternative to winner-take-all (`gradient`).
+
+    Args:
+      eps: stabiliser.
+    """
+    return Rule(_proportional, (("eps", float(eps)),))
