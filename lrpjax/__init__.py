@@ -3,6 +3,21 @@
 from lrpjax import composites, layers, models, rules
 from lrpjax.engine import INITS, Explanation, LayerError, explain, explainer, output_relevance
 
+PRETRAINED = "minivgg_cifar10.npz"
+
+
+def load_pretrained() -> models.MiniVGG:
+    """The shipped MiniVGG trained on CIFAR-10, in eval mode (offline; no TensorFlow).
+
+    The weights and their training metrics are in ``lrpjax/assets/``; see the README's
+    model card.
+    """
+    from importlib import resources
+
+    with resources.as_file(resources.files("lrpjax") / "assets" / PRETRAINED) as path:
+        return models.load(path)
+
+
 __all__ = [
     "INITS",
     "Explanation",
@@ -11,6 +26,7 @@ __all__ = [
     "explain",
     "explainer",
     "layers",
+    "load_pretrained",
     "models",
     "output_relevance",
     "rules",

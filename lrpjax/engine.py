@@ -27,7 +27,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 import jax
@@ -241,7 +241,7 @@ def explainer(
     Returns:
       ``(fn, state)``: ``fn(state, x, target) -> Explanation``, a pure function of arrays,
       with ``target`` an int array (N,) or (N, K) (K targets per image share one forward
-      pass); and the model's state to call it with.
+      pass; -1 means the predicted class); and the model's state to call it with.
     """
     graphdef, state = nnx.split(model)
     return _explain_fn(graphdef, composites_lib.get(composite), init, layerwise), state
@@ -272,6 +272,10 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
             return model(x)
 
         logits, vjp = jax.vjp(forward, x, zeros)
+        predicted = jnp.argmax(logits, axis=-1)
+        resolved = jnp.where(
+            target < 0, predicted.reshape(predicted.shape + (1,) * (target.ndim - 1)), target
+        )
 
         def backward(t):
             R_top = output_relevance(logits, t, init)
@@ -283,11 +287,11 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
             ordered = {p: R_layers[p] for p in tape.calls} if layerwise else None
             return relevance, ordered
 
-        if target.ndim == 2:
-            relevance, layers = jax.vmap(backward, in_axes=1, out_axes=1)(target)
+        if resolved.ndim == 2:
+            relevance, layers = jax.vmap(backward, in_axes=1, out_axes=1)(resolved)
         else:
-            relevance, layers = backward(target)
-        return Explanation(relevance, logits, target, layers)
+            relevance, layers = backward(resolved)
+        return Explanation(relevance, logits, resolved, layers)
 
     return fn
 
@@ -318,8 +322,8 @@ def _jitted(graphdef, composite, init, layerwise):
     return jax.jit(_explain_fn(graphdef, composite, init, layerwise))
 
 
-def _predicted(graphdef, state, x):
-    return jnp.argmax(nnx.merge(graphdef, state, copy=True)(x), axis=-1)
+def _logits(graphdef, state, x):
+    return nnx.merge(graphdef, state, copy=True)(x)
 
 
 def explain(
@@ -363,10 +367,9 @@ def explain(
     if not callable(init) and init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)} or a callable")
     composite = composites_lib.get(composite)
+    user_target = target is not None
     graphdef, state = nnx.split(model)
-    if target is None:
-        target = jax.jit(_predicted, static_argnums=0)(graphdef, state, x)
-    target = jnp.asarray(target)
+    target = jnp.asarray(-1 if target is None else target)
     if not jnp.issubdtype(target.dtype, jnp.integer):
         raise ValueError(f"target must be integer class indices, got dtype {target.dtype}")
     if target.ndim == 0:
@@ -375,8 +378,10 @@ def explain(
         raise ValueError(
             f"target must be an int, (N,) or (N, K) for N={x.shape[0]}, got {target.shape}"
         )
+    num_classes = jax.eval_shape(partial(_logits, graphdef), state, x[:1]).shape[-1]
+    if user_target and bool(jnp.any((target < 0) | (target >= num_classes))):
+        raise ValueError(
+            f"target outside the model's classes 0..{num_classes - 1}: {np.unique(target)}"
+        )
     out = _jitted(graphdef, composite, init, layerwise)(state, x, target)
-    num_classes = out.logits.shape[-1]
-    if bool(jnp.any((target < 0) | (target >= num_classes))):
-        raise ValueError(f"target outside the model's {num_classes} classes: {np.unique(target)}")
     return (out.relevance, out.layers) if layerwise else out.relevance

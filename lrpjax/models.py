@@ -143,6 +143,7 @@ def write_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta
             np.savez(f, __meta__=header, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

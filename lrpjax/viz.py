@@ -1,0 +1,191 @@
+"""Heatmaps: from relevance arrays to pictures.
+
+The reference post-processing is the default of `heatmap`: sum relevance over colour
+channels, clip at a quantile of its magnitude, and scale symmetrically into [-1, 1], so that
+0 stays 0 (neutral) and red means evidence for the class, blue evidence against it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "channel_sum",
+    "class_mean_figure",
+    "clip_quantile",
+    "colorize",
+    "colormap",
+    "grid_figure",
+    "heatmap",
+    "normalize",
+    "overlay",
+]
+
+
+def channel_sum(relevance: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) -> (N, H, W): relevance summed over channels."""
+    return np.asarray(relevance, np.float32).sum(axis=-1)
+
+
+def clip_quantile(h: np.ndarray, q: float = 0.99) -> np.ndarray:
+    """Clip each map of (N, H, W) at the q-quantile of its absolute values (outliers)."""
+    h = np.asarray(h, np.float32)
+    bound = np.quantile(np.abs(h).reshape(len(h), -1), q, axis=1).reshape(-1, 1, 1)
+    return np.clip(h, -bound, bound)
+
+
+def normalize(h: np.ndarray) -> np.ndarray:
+    """Scale each map of (N, H, W) into [-1, 1] by its largest magnitude; all-zero stays 0."""
+    h = np.asarray(h, np.float32)
+    scale = np.abs(h).reshape(len(h), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.divide(h, scale, out=np.zeros_like(h), where=scale > 0)
+
+
+def heatmap(relevance: np.ndarray, q: float = 0.99) -> np.ndarray:
+    """Reference post-processing: channel sum, clip at quantile q, symmetric normalisation.
+
+    Args:
+      relevance: (N, H, W, C) relevance.
+      q: quantile of |relevance| to clip at (1.0: no clipping).
+
+    Returns:
+      (N, H, W) maps in [-1, 1].
+    """
+    return normalize(clip_quantile(channel_sum(relevance), q))
+
+
+def colormap(name: str = "bwr"):
+    """A matplotlib colour map with red positive, blue negative, neutral at 0.5.
+
+    Args:
+      name: ``"bwr"`` (white at zero), ``"seismic"`` (darker extremes), or ``"coldnhot"``
+        (black at zero; cyan-blue negative, red-yellow positive, as in Zennit).
+    """
+    import matplotlib
+
+    if name == "coldnhot":
+        from matplotlib.colors import LinearSegmentedColormap
+
+        return LinearSegmentedColormap.from_list(
+            "coldnhot",
+            [
+                (0.0, "#00ffff"),
+                (0.25, "#0000ff"),
+                (0.5, "#000000"),
+                (0.75, "#ff0000"),
+                (1.0, "#ffff00"),
+            ],
+        )
+    if name not in ("bwr", "seismic"):
+        raise ValueError(f"unknown colour map {name!r}; choose bwr, seismic or coldnhot")
+    return matplotlib.colormaps[name]
+
+
+def colorize(h: np.ndarray, cmap: str = "bwr") -> np.ndarray:
+    """(N, H, W) maps in [-1, 1] -> (N, H, W, 3) RGB in [0, 1]."""
+    return colormap(cmap)((np.asarray(h) + 1.0) / 2.0)[..., :3].astype(np.float32)
+
+
+def overlay(images: np.ndarray, h: np.ndarray, alpha: float = 0.6, cmap: str = "bwr") -> np.ndarray:
+    """Blend heatmaps over greyscale images, opaque where relevance is strong.
+
+    Args:
+      images: (N, H, W, 3) in [0, 1].
+      h: (N, H, W) maps in [-1, 1].
+      alpha: opacity of the strongest relevance.
+
+    Returns:
+      (N, H, W, 3) RGB in [0, 1].
+    """
+    grey = np.asarray(images, np.float32).mean(axis=-1, keepdims=True).repeat(3, axis=-1)
+    weight = alpha * np.abs(np.asarray(h))[..., None]
+    return (1 - weight) * grey + weight * colorize(h, cmap)
+
+
+def grid_figure(
+    images: np.ndarray,
+    relevance: np.ndarray,
+    *,
+    labels: Sequence[int] | None = None,
+    predictions: Sequence[int] | None = None,
+    probabilities: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
+    cmap: str = "bwr",
+    q: float = 0.99,
+    path: str | os.PathLike | None = None,
+):
+    """A grid of rows ``image | heatmap | overlay``, two such triples per row.
+
+    Titles give the true class, the predicted class and its probability where known.
+    Returns the matplotlib figure; saved as PNG when `path` is given.
+    """
+    import matplotlib.pyplot as plt
+
+    h = heatmap(relevance, q)
+    n = len(images)
+    per_row = 2
+    rows = (n + per_row - 1) // per_row
+    fig, axes = plt.subplots(
+        rows, 3 * per_row, figsize=(3 * per_row * 1.6, rows * 1.8), squeeze=False
+    )
+    over = overlay(images, h, cmap=cmap)
+    names = class_names or [str(i) for i in range(1000)]
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        a_img, a_map, a_over = axes[r, 3 * c : 3 * c + 3]
+        a_img.imshow(np.clip(images[i], 0, 1))
+        a_map.imshow(h[i], cmap=colormap(cmap), vmin=-1, vmax=1)
+        a_over.imshow(np.clip(over[i], 0, 1))
+        title = []
+        if labels is not None:
+            title.append(f"true {names[int(labels[i])]}")
+        if predictions is not None:
+            p = f" {float(probabilities[i]):.2f}" if probabilities is not None else ""
+            title.append(f"pred {names[int(predictions[i])]}{p}")
+        a_img.set_title("\n".join(title), fontsize=7)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
+def class_mean_figure(
+    mean_maps: np.ndarray,
+    *,
+    class_names: Sequence[str],
+    counts: Sequence[int] | None = None,
+    cmap: str = "bwr",
+    path: str | os.PathLike | None = None,
+):
+    """One heatmap per class (e.g. the mean channel-summed relevance of its images).
+
+    Args:
+      mean_maps: (K, H, W) per-class mean maps (any scale; each is normalised for display).
+    """
+    import matplotlib.pyplot as plt
+
+    h = normalize(clip_quantile(mean_maps, 0.99))
+    k = len(h)
+    cols = min(k, 5)
+    rows = (k + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.0), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(k):
+        ax = axes.ravel()[i]
+        ax.imshow(h[i], cmap=colormap(cmap), vmin=-1, vmax=1)
+        ax.set_title(
+            class_names[i] + (f" (n={counts[i]})" if counts is not None else ""), fontsize=8
+        )
+    fig.suptitle("mean relevance per true class", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
