@@ -212,21 +212,45 @@ def _z(layer: nnx.Module, a: Array, R: Array) -> Array:
     return a * vjp(_safe_divide(R, zk))[0]
 
 
+_NUMERICALLY_ZERO = 1e-5
+
+
+def _signed_parts(aff: Affine, a: Array):
+    """vjp-able halves of a linear layer: ``W a`` and ``|W| |a|`` (no bias).
+
+    Positive and negative contributions follow from these two without splitting the input
+    and the weights four ways: with :math:`a = a^+ + a^-` and :math:`W = W^+ + W^-`,
+    :math:`W^+ a^+ + W^- a^- = (Wa + |W||a|) / 2` and
+    :math:`W^- a^+ + W^+ a^- = (Wa - |W||a|) / 2`; on the backward pass, since
+    :math:`a^+` and :math:`a^-` have disjoint support, the four transposed products reduce
+    to :math:`a \\odot W^\top u + |a| \\odot |W|^\top v`. Two convolutions and two
+    transposed ones instead of four and four.
+    """
+    za, vjp_w = jax.vjp(lambda x: aff.apply(x, aff.kernel, None), a)
+    abs_a = jnp.abs(a)
+    zabs, vjp_abs = jax.vjp(lambda x: aff.apply(x, jnp.abs(aff.kernel), None), abs_a)
+
+    def backward(u: Array, v: Array) -> Array:
+        return a * vjp_w(u)[0] + abs_a * vjp_abs(v)[0]
+
+    return za, zabs, backward
+
+
 def _alpha_beta(layer: nnx.Module, a: Array, R: Array, *, alpha: float, beta: float, eps: float):
     aff = as_affine(layer)
-    ap, an = jnp.maximum(a, 0), jnp.minimum(a, 0)
-    wp, wn = _pos(aff.kernel), _neg(aff.kernel)
-
-    def z_pos(xp, xn):  # positive contributions: w+ a+ and w- a-
-        return aff.apply(xp, wp, _pos(aff.bias)) + aff.apply(xn, wn, _zeros(aff.bias))
-
-    def z_neg(xp, xn):  # negative contributions: w- a+ and w+ a-
-        return aff.apply(xp, wn, _neg(aff.bias)) + aff.apply(xn, wp, _zeros(aff.bias))
-
-    relevance = alpha * _scaled(z_pos, (ap, an), R, eps)
-    if beta != 0:
-        relevance = relevance - beta * _scaled(z_neg, (ap, an), R, eps)
-    return relevance
+    za, zabs, backward = _signed_parts(aff, a)
+    z_pos = 0.5 * (za + zabs)  # sum of positive contributions: w+ a+ + w- a-
+    z_neg = 0.5 * (za - zabs)  # sum of negative contributions: w- a+ + w+ a-
+    # A side with no contributions at all passes nothing (its numerators are all 0); in
+    # float32 its sum is only ~1e-7 |W||a| small, not 0, so decide with a tolerance.
+    has_pos = z_pos > _NUMERICALLY_ZERO * zabs
+    has_neg = -z_neg > _NUMERICALLY_ZERO * zabs
+    if aff.bias is not None:
+        z_pos, z_neg = z_pos + _pos(aff.bias), z_neg + _neg(aff.bias)
+    s_pos = jnp.where(has_pos, alpha * R / stabilize(z_pos, eps), 0.0)
+    s_neg = jnp.where(has_neg, beta * R / stabilize(z_neg, eps), 0.0)
+    # alpha R+ - beta R-, with R+ = a+ W+^T s+ + a- W-^T s+ and R- = a+ W-^T s- + a- W+^T s-
+    return 0.5 * backward(s_pos - s_neg, s_pos + s_neg)
 
 
 def alpha_beta(alpha: float = 2.0, beta: float = 1.0, eps: float = 1e-6) -> Rule:
@@ -260,27 +284,26 @@ def zplus(eps: float = 1e-6) -> Rule:
 
 def _gamma(layer: nnx.Module, a: Array, R: Array, *, gamma: float, eps: float) -> Array:
     aff = as_affine(layer)
-    ap, an = jnp.maximum(a, 0), jnp.minimum(a, 0)
-    w, b = aff.kernel, aff.bias
-    w_up, w_down = w + gamma * _pos(w), w + gamma * _neg(w)
-    b_up = None if b is None else b + gamma * _pos(b)
-    b_down = None if b is None else b + gamma * _neg(b)
-    positive = aff.apply(a, w, b) > 0
-
-    def z_mod(xp, xn):
-        # Outputs > 0 favour positive contributions (a+ w+, a- w-), outputs <= 0 negative ones.
-        up = aff.apply(xp, w_up, b_up) + aff.apply(xn, w_down, _zeros(b))
-        down = aff.apply(xp, w_down, b_down) + aff.apply(xn, w_up, _zeros(b))
-        return jnp.where(positive, up, down)
-
-    return _scaled(z_mod, (ap, an), R, eps)
+    za, zabs, backward = _signed_parts(aff, a)
+    b = aff.bias
+    z = za if b is None else za + b
+    positive = z > 0
+    # Outputs > 0 amplify their positive contributions (a+ w+, a- w-) and positive bias,
+    # outputs <= 0 their negative ones; see `_signed_parts` for the identities.
+    z_up, z_down = za + gamma * 0.5 * (za + zabs), za + gamma * 0.5 * (za - zabs)
+    if b is not None:
+        z_up, z_down = z_up + b + gamma * _pos(b), z_down + b + gamma * _neg(b)
+    s = R / stabilize(jnp.where(positive, z_up, z_down), eps)
+    signed = jnp.where(positive, s, -s)
+    return backward((1 + 0.5 * gamma) * s, 0.5 * gamma * signed)
 
 
 def gamma(gamma: float = 0.25, eps: float = 1e-6) -> Rule:
     r"""LRP-gamma (Montavon et al. 2019, Eq. 10.3): weights :math:`w + \gamma w^+`.
 
-    .. math:: R_j = \sum_k \frac{a_j w_{jk} + \gamma (a_j w_{jk})^{\pm}}
-                               {\sum_j (a_j w_{jk} + \gamma (a_j w_{jk})^{\pm}) + b_k + \gamma b_k^{\pm}} R_k
+    .. math:: R_j = \sum_k \frac{z'_{jk}}{\mathrm{stabilize}(\sum_j z'_{jk} + b'_k)} R_k,
+       \quad z'_{jk} = a_j w_{jk} + \gamma (a_j w_{jk})^{\pm},
+       \quad b'_k = b_k + \gamma b_k^{\pm}
 
     where :math:`\pm` is the sign of the output :math:`z_k`: contributions of the same sign
     as the output are amplified by 1 + gamma. For non-negative inputs and positive outputs

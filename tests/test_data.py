@@ -174,6 +174,18 @@ def test_split_without_images(tmp_path):
     assert_names_both_ways(info.value)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a split folder with no class folders makes image_folder's cache stamp call "
+    "max() on an empty sequence: ValueError instead of DataUnavailableError",
+)
+def test_empty_split_folder(tmp_path):
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DataUnavailableError) as info:
+        data.image_folder(tmp_path, "test")
+    assert_names_both_ways(info.value)
+
+
 def test_file_that_is_not_an_archive(tmp_path):
     path = tmp_path / "images.zip"
     path.write_bytes(b"PK\x03\x04 not really")
@@ -294,9 +306,8 @@ def test_real_cifar10_copy():
     images, labels = data.load(str(REAL_ARCHIVE), "test")
     assert images.shape == (10000, 32, 32, 3)
     assert images.dtype == np.float32 and labels.dtype == np.int32
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= 0.0 and images.max() <= 1.0
     np.testing.assert_array_equal(np.bincount(labels, minlength=10), [1000] * 10)
     # Pixels are multiples of 1/255 (decoded bytes), and not all the same.
     np.testing.assert_allclose(images[:10] * 255, np.round(images[:10] * 255), atol=1e-3)
     assert images.std() > 0.1
-

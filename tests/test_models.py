@@ -59,7 +59,8 @@ def test_layer_names_and_types(model):
 
 def test_layer_settings(model):
     convs = [model.conv1, model.conv2, model.conv3, model.conv4]
-    assert [(c.in_features, c.out_features) for c in convs] == [(3, 32), (32, 32), (32, 64), (64, 64)]
+    features = [(c.in_features, c.out_features) for c in convs]
+    assert features == [(3, 32), (32, 32), (32, 64), (64, 64)]
     for c in convs:
         assert tuple(c.kernel_size) == (3, 3)
         assert c.padding == "SAME"
@@ -286,7 +287,7 @@ def test_npy_file_raises_model_file_error(tmp_path):
     path = tmp_path / "weights.npz"
     with open(path, "wb") as f:
         np.save(f, np.zeros(3, np.float32))
-    with pytest.raises(ModelFileError, match="weights.npz"):
+    with pytest.raises(ModelFileError, match=r"weights\.npz"):
         models.load(path)
 
 
@@ -330,7 +331,7 @@ def test_max_pool_matches_reduce_window(shape, window):
 def test_max_pool_gradient_matches_reduce_window_without_ties(shape, window):
     x = jnp.asarray(distinct_values(shape))
     y, vjp = jax.vjp(lambda v: max_pool(v, window), x)
-    y_ref, vjp_ref = jax.vjp(lambda v: reference_max_pool(v, window), x)
+    _, vjp_ref = jax.vjp(lambda v: reference_max_pool(v, window), x)
     g = jnp.asarray(np.random.default_rng(2).normal(size=y.shape).astype(np.float32))
     (grad,) = vjp(g)
     (grad_ref,) = vjp_ref(g)
@@ -372,7 +373,8 @@ def test_max_pool_gradient_shares_ties_and_conserves_sum(shape, window):
         winners = xs == np.expand_dims(ymax, axes)
         ties = winners.sum(axis=axes)
         share = g[(slice(None), *pos)] / ties
-        np.testing.assert_allclose(gs, np.where(winners, np.expand_dims(share, axes), 0.0), rtol=1e-6)
+        expected = np.where(winners, np.expand_dims(share, axes), 0.0)
+        np.testing.assert_allclose(gs, expected, rtol=1e-6)
         np.testing.assert_allclose(gs.sum(axis=axes), g[(slice(None), *pos)], rtol=1e-5)
     # Rows and columns that fill no window get no gradient.
     assert np.all(grad[~covered] == 0)
@@ -402,7 +404,7 @@ def _bad(value_at=None, value=0.0, shape=(2, 32, 32, 3)):
         (_bad((0, 3, 3, 1), -0.01), "[0, 1]"),
         (_bad() * 255, "[0, 1]"),
     ],
-    ids=["no-batch", "1-channel", "nchw", "28x28", "5d", "nan", "inf", "above-1", "below-0", "x255"],
+    ids=["no-batch", "1-chan", "nchw", "28x28", "5d", "nan", "inf", "above-1", "below-0", "x255"],
 )
 def test_check_images_refuses(x, fragment):
     with pytest.raises(ValueError, match=None) as info:

@@ -317,7 +317,8 @@ def train(
             {"command": command, "config": dataclasses.asdict(config), "epochs": history},
         )
         print(
-            f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
+            f"epoch {epoch}: train loss {record['train_loss']:.4f}"
+            f" acc {record['train_accuracy']:.4f}"
             f" | test loss {test['loss']:.4f} acc {test['accuracy']:.4f}"
             f" | {record['train_images_per_second']:.0f} img/s"
         )

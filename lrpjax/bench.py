@@ -1,0 +1,202 @@
+"""``lrpjax bench``: time explainers against the forward pass and the input gradient.
+
+Each method is one jit-compiled function of (state, x). Compile time is measured apart
+(first call, blocked on); run time is the median of `repeats` calls after warm-up, each
+blocked on with `block_until_ready`. Ratios are taken within one run, on one device, so
+they hold on a shared, noisy machine where absolute times do not.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lrpjax import engine, models
+
+__all__ = ["DEFAULT_METHODS", "add_parser", "benchmark", "method_fn"]
+
+DEFAULT_METHODS = (
+    "forward",
+    "gradient",
+    "lrp:epsilon",
+    "lrp:epsilon_plus_flat",
+    "lrp:epsilon_gamma_box",
+    "lrp:epsilon_alpha2_beta1",
+)
+
+
+def method_fn(model: nnx.Module, method: str) -> tuple[Callable, nnx.State]:
+    """A pure function ``f(state, x)`` for a method name, and the state to call it with.
+
+    Methods: ``forward``; ``gradient`` (gradient x input of the predicted logit, by
+    `jax.vjp`); ``lrp:<composite>``; ``train_step`` is handled by `train_throughput`.
+    """
+    graphdef, state = nnx.split(model)
+    if method == "forward":
+        return (lambda s, x: nnx.merge(graphdef, s, copy=True)(x)), state
+    if method == "gradient":
+
+        def gradient_x_input(s, x):
+            logits, vjp = jax.vjp(nnx.merge(graphdef, s, copy=True), x)
+            seed = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=logits.dtype)
+            return x * vjp(seed)[0]
+
+        return gradient_x_input, state
+    if method.startswith("lrp:"):
+        fn, state = engine.explainer(model, composite=method[4:])
+        return (lambda s, x: fn(s, x, jnp.full(x.shape[:1], -1, jnp.int32)).relevance), state
+    raise ValueError(f"unknown method {method!r}; e.g. {', '.join(DEFAULT_METHODS)}")
+
+
+def _time(f: Callable, *args, repeats: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(f(*args))  # warm-up
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        runs.append(time.perf_counter() - t0)
+    return compile_s, statistics.median(runs)
+
+
+def train_throughput(batch_size: int, repeats: int) -> dict:
+    """Images per second of the training step of `python -m train` (Adam, train mode)."""
+    from train.trainer import Config, _Steps, make_optimizer
+
+    config = Config(batch_size=batch_size)
+    model = models.MiniVGG(rngs=nnx.Rngs(0))
+    tx = make_optimizer(config, 100)
+    steps = _Steps(model, tx, config)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = tx.init(params)
+    x = jnp.asarray(np.random.default_rng(0).random((batch_size, *models.INPUT_SHAPE), np.float32))
+    y = jnp.zeros(batch_size, jnp.int32)
+    key = jax.random.key(0)
+    state = [params, rest, opt_state]
+
+    def step():
+        out = steps.train_step(*state, x, y, key)
+        state[:] = out[:3]
+        return out[3]
+
+    compile_s, run_s = _time(lambda: step(), repeats=repeats)
+    return {"batch_size": batch_size, "compile_s": compile_s, "run_s": run_s,
+            "images_per_second": batch_size / run_s}  # fmt: skip
+
+
+def benchmark(
+    model: nnx.Module,
+    batch_sizes=(1, 64, 256, 1024),
+    methods=DEFAULT_METHODS,
+    repeats: int = 5,
+    dtype: str = "float32",
+    progress: Callable[[str], None] | None = print,
+) -> dict:
+    """Time every method at every batch size.
+
+    Returns:
+      ``{"device": ..., "results": [{"batch_size", "method", "compile_s", "run_s",
+      "images_per_second", "vs_forward", "vs_gradient"}, ...]}``.
+    """
+    rng = np.random.default_rng(0)
+    rows = []
+    for bs in batch_sizes:
+        x = jnp.asarray(rng.random((bs, *models.INPUT_SHAPE), np.float32).astype(dtype))
+        times = {}
+        for method in methods:
+            fn, state = method_fn(model, method)
+            compile_s, run_s = _time(jax.jit(fn), state, x, repeats=repeats)
+            times[method] = run_s
+            rows.append({"batch_size": bs, "method": method, "compile_s": compile_s,
+                         "run_s": run_s, "images_per_second": bs / run_s})  # fmt: skip
+            if progress:
+                progress(
+                    f"  batch {bs:5d} {method:28s} {run_s * 1e3:9.2f} ms  (compile {compile_s:.1f} s)"
+                )
+        for row in rows:
+            if row["batch_size"] == bs:
+                row["vs_forward"] = row["run_s"] / times["forward"] if "forward" in times else None
+                row["vs_gradient"] = (
+                    row["run_s"] / times["gradient"] if "gradient" in times else None
+                )
+    return {
+        "device": str(jax.devices()[0]),
+        "platform": jax.default_backend(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "repeats": repeats,
+        "dtype": dtype,
+        "results": rows,
+    }
+
+
+def table(report: dict) -> str:
+    """A markdown table of a `benchmark` report."""
+    lines = [
+        f"device: {report['device']} ({report['platform']}), jax {report['jax']}, "
+        f"flax {report['flax']}, {report['date']}, median of {report['repeats']}",
+        "",
+        "| batch | method | run ms | images/s | x forward | x gradient | compile s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        vf = f"{r['vs_forward']:.2f}" if r.get("vs_forward") is not None else "-"
+        vg = f"{r['vs_gradient']:.2f}" if r.get("vs_gradient") is not None else "-"
+        lines.append(
+            f"| {r['batch_size']} | {r['method']} | {r['run_s'] * 1e3:.2f} | "
+            f"{r['images_per_second']:.0f} | {vf} | {vg} | {r['compile_s']:.2f} |"
+        )
+    for t in report.get("train", []):
+        lines.append(
+            f"| {t['batch_size']} | train_step | {t['run_s'] * 1e3:.2f} | "
+            f"{t['images_per_second']:.0f} | - | - | {t['compile_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time LRP against the forward pass and the gradient")
+    p.add_argument("--batch-sizes", default="1,64,256,1024", help="comma-separated")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--checkpoint", help="model weights (default: shipped model)")
+    p.add_argument("--random-model", action="store_true", help="random weights instead")
+    p.add_argument("--train", action="store_true", help="also time the training step")
+    p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import lrpjax
+
+    if args.random_model:
+        model = models.MiniVGG(rngs=nnx.Rngs(0))
+        model.eval()
+    elif args.checkpoint:
+        model = models.load(args.checkpoint)
+    else:
+        model = lrpjax.load_pretrained()
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        method_fn(model, m)  # unknown names fail before any timing
+    report = benchmark(model, sizes, methods, args.repeats, args.dtype)
+    if args.train:
+        report["train"] = [train_throughput(bs, args.repeats) for bs in sizes if bs >= 8]
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(table(report))
+    print(f"wrote {args.json}")
+    return 0
