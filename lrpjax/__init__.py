@@ -1,6 +1,6 @@
 """lrpjax: Layer-wise Relevance Propagation for Flax NNX models, as pure JAX functions."""
 
-from lrpjax import composites, layers, models, rules
+from lrpjax import composites, data, layers, models, rules, viz
 from lrpjax.engine import INITS, Explanation, LayerError, explain, explainer, output_relevance
 
 PRETRAINED = "minivgg_cifar10.npz"
@@ -23,6 +23,7 @@ __all__ = [
     "Explanation",
     "LayerError",
     "composites",
+    "data",
     "explain",
     "explainer",
     "layers",
@@ -30,4 +31,5 @@ __all__ = [
     "models",
     "output_relevance",
     "rules",
+    "viz",
 ]

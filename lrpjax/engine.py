@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend import core as jax_core
 
 from lrpjax import composites as composites_lib
 from lrpjax import rules as rules_lib
@@ -271,6 +272,7 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
             tape.probes = probes
             return model(x)
 
+        _check_glue(jax.make_jaxpr(forward)(x, zeros).jaxpr)
         logits, vjp = jax.vjp(forward, x, zeros)
         predicted = jnp.argmax(logits, axis=-1)
         resolved = jnp.where(
@@ -294,6 +296,31 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
         return Explanation(relevance, logits, resolved, layers)
 
     return fn
+
+
+# Operations that are not positively homogeneous: outside a layer with a rule, relevance
+# through them would not be conserved, and the map would be silently wrong.
+_NON_HOMOGENEOUS = frozenset(
+    "tanh logistic exp exp2 log log1p expm1 erf erfc erf_inv sin cos tan asin acos atan atan2 "
+    "sinh cosh asinh acosh atanh sqrt rsqrt cbrt pow integer_pow square lgamma digamma".split()
+)
+
+
+def _check_glue(jaxpr) -> None:
+    """Refuse models whose code between layers applies non-homogeneous functions."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name.startswith("custom_vjp_call"):
+            continue  # a layer with its rule
+        if name in _NON_HOMOGENEOUS:
+            raise LayerError(
+                f"the model applies `{name}` outside its layers (e.g. a functional activation "
+                "such as tanh or sigmoid, a normalisation, or a softmax on the output); LRP "
+                "through it would not conserve relevance. Return logits, and put such "
+                "functions in an nnx.Module mapped to a rule in the composite."
+            )
+        for sub in jax_core.jaxprs_in_params(eqn.params):
+            _check_glue(sub)
 
 
 def _walk_probes(obj, seen=None):
