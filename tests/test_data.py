@@ -303,7 +303,11 @@ def test_image_folder_does_not_import_tensorflow(folder):
 def test_real_cifar10_copy():
     if not REAL_ARCHIVE.is_file():
         pytest.skip(f"no CIFAR-10 copy at {REAL_ARCHIVE}")
-    images, labels = data.load(str(REAL_ARCHIVE), "test")
+    try:
+        images, labels = data.load(str(REAL_ARCHIVE), "test")
+    finally:  # the extraction is some 270 MB: do not keep it in the session's temp dir
+        for extracted in data.cache_dir().glob(REAL_ARCHIVE.name.split(".")[0] + "-*"):
+            shutil.rmtree(extracted, ignore_errors=True)
     assert images.shape == (10000, 32, 32, 3)
     assert images.dtype == np.float32 and labels.dtype == np.int32
     assert images.min() >= 0.0 and images.max() <= 1.0

@@ -103,7 +103,7 @@ def test_call_runs_the_layers_in_order():
 # --- behaviour ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("n", [1, 2])  # batch sizes the other tests use: no new compiles
 def test_logits_shape(model, n):
     out = model(images(n))
     assert out.shape == (n, 10)
@@ -146,7 +146,7 @@ def test_save_load_round_trip(tmp_path):
     m = MiniVGG(rngs=nnx.Rngs(1))
     m.train()
     for seed in range(3):  # move the batch statistics away from their initial values
-        m(images(8, seed))
+        m(images(4, seed))
     assert not np.allclose(np.asarray(m.bn1.mean[...]), 0.0)
     assert not np.allclose(np.asarray(m.bn5.var[...]), 1.0)
     m.eval()

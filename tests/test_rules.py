@@ -149,9 +149,7 @@ def batch_reference(kind, a, R, connections, bias, **p) -> np.ndarray:
         if kind == "zbox":  # bounds broadcast to the input, then flattened like it
             extra["low"] = np.broadcast_to(p["low"], a64.shape[1:]).ravel()
             extra["high"] = np.broadcast_to(p["high"], a64.shape[1:]).ravel()
-        out.append(
-            reference(kind, a64[i].ravel(), R64[i].ravel(), connections, bias, **extra)
-        )
+        out.append(reference(kind, a64[i].ravel(), R64[i].ravel(), connections, bias, **extra))
     return np.stack(out).reshape(a64.shape)
 
 
