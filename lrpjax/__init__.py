@@ -1,6 +1,6 @@
 """lrpjax: Layer-wise Relevance Propagation for Flax NNX models, as pure JAX functions."""
 
-from lrpjax import composites, data, layers, models, rules, viz
+from lrpjax import baselines, composites, data, layers, metrics, models, rules, viz
 from lrpjax.engine import INITS, Explanation, LayerError, explain, explainer, output_relevance
 
 PRETRAINED = "minivgg_cifar10.npz"
@@ -22,12 +22,14 @@ __all__ = [
     "INITS",
     "Explanation",
     "LayerError",
+    "baselines",
     "composites",
     "data",
     "explain",
     "explainer",
     "layers",
     "load_pretrained",
+    "metrics",
     "models",
     "output_relevance",
     "rules",

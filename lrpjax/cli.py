@@ -60,7 +60,7 @@ def _load_data(args) -> tuple:
 
     if args.dataset or args.data_dir:
         source = args.dataset or args.data_dir
-        images, labels = data.load(source, args.split)
+        images, labels = data.load(source, args.split, progress=not args.no_progress)
         name = f"{source}:{args.split}"
     else:
         images, labels = data.sample()
@@ -167,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         from lrpjax import bench
 
         bench.add_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from lrpjax import evaluate
+
+        evaluate.add_parser(sub)
     except ImportError:
         pass
     args = parser.parse_args(argv)

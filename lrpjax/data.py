@@ -23,6 +23,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -64,10 +65,12 @@ def _extract(archive: Path) -> Path:
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(tmp, filter="data")
+            while tar.fileobj.read(1 << 20):  # read to the end: the gzip CRC is checked there
+                pass
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataUnavailableError(_how_to_get_data(f"cannot extract {archive}: {e}")) from None
     (target / ".complete").touch()
@@ -87,11 +90,15 @@ def _dataset_root(folder: Path, split: str) -> Path:
     )
 
 
-def _decode_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _decode_split(
+    split_dir: Path, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from PIL import Image
     from tqdm.auto import tqdm
 
     classes = sorted(c.name for c in split_dir.iterdir() if c.is_dir())
+    if not classes:
+        raise DataUnavailableError(_how_to_get_data(f"no class folders under {split_dir}"))
     files = [
         (f, label)
         for label, name in enumerate(classes)
@@ -101,21 +108,28 @@ def _decode_split(split_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not files:
         raise DataUnavailableError(_how_to_get_data(f"no images under {split_dir}"))
     images = []
-    for f, _ in tqdm(files, desc=f"decoding {split_dir.name}", unit="img", leave=False):
-        with Image.open(f) as im:
-            images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    bar = tqdm(files, desc=f"decoding {split_dir.name}", unit="img", leave=False, disable=not progress)
+    for f, _ in bar:
+        try:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise DataUnavailableError(f"cannot decode image {f}: {e}") from None
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise DataUnavailableError(f"images under {split_dir} differ in size: {sorted(shapes)}")
     return np.stack(images), np.array([label for _, label in files], np.int32), classes
 
 
-def image_folder(path: str | os.PathLike, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+def image_folder(
+    path: str | os.PathLike, split: str = "test", progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Load one split of an image folder (or ``.tar.gz`` of one).
 
     Args:
       path: folder with ``split/class/image`` files, or a ``.tar.gz`` archive of it.
       split: the split folder's name, e.g. ``"train"`` or ``"test"``.
+      progress: show a progress bar while decoding.
 
     Returns:
       images (N, H, W, 3) float32 in [0, 1]; labels (N,) int32, the index of the image's
@@ -134,12 +148,12 @@ def image_folder(path: str | os.PathLike, split: str = "test") -> tuple[np.ndarr
     root = _dataset_root(path, split)
     split_dir = root / split
     cached = split_dir.parent / f".{split}-decoded.npz"
-    stamp = str(max(p.stat().st_mtime_ns for p in split_dir.iterdir()))
+    stamp = str(max((p.stat().st_mtime_ns for p in split_dir.iterdir()), default=0))
     if cached.exists():
         with np.load(cached, allow_pickle=False) as npz:
             if str(npz["stamp"]) == stamp:
                 return npz["images"].astype(np.float32) / 255.0, npz["labels"]
-    images, labels, _ = _decode_split(split_dir)
+    images, labels, _ = _decode_split(split_dir, progress)
     try:
         tmp = cached.with_suffix(".tmp.npz")
         np.savez(tmp, images=images, labels=labels, stamp=np.array(stamp))
@@ -168,7 +182,9 @@ def tfds_dataset(name: str = "cifar10", split: str = "test") -> tuple[np.ndarray
     return images.astype(np.float32) / 255.0, labels.astype(np.int32)
 
 
-def load(source: str | os.PathLike, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+def load(
+    source: str | os.PathLike, split: str = "test", progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Load a split from ``"cifar10"`` (tfds), an image folder, or a ``.tar.gz`` of one.
 
     Returns:
@@ -176,7 +192,7 @@ def load(source: str | os.PathLike, split: str = "test") -> tuple[np.ndarray, np
     """
     if str(source) == "cifar10":
         return tfds_dataset("cifar10", split)
-    return image_folder(source, split)
+    return image_folder(source, split, progress)
 
 
 def sample() -> tuple[np.ndarray, np.ndarray]:

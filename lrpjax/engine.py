@@ -264,6 +264,7 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
             return model(x)
 
         jax.eval_shape(record, x)
+        fn.call_order = tuple(tape.calls)  # jit returns dicts key-sorted; explain reorders
         tape.recording = False
         _resolve_rules(probes_by_path, composite, tape)
         zeros = {p: jnp.zeros(s.shape, s.dtype) for p, s in tape.shapes.items()}
@@ -411,4 +412,7 @@ def explain(
             f"target outside the model's classes 0..{num_classes - 1}: {np.unique(target)}"
         )
     out = _jitted(graphdef, composite, init, layerwise)(state, x, target)
-    return (out.relevance, out.layers) if layerwise else out.relevance
+    if not layerwise:
+        return out.relevance
+    order = _explain_fn(graphdef, composite, init, layerwise).call_order
+    return out.relevance, {path: out.layers[path] for path in order}

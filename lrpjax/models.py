@@ -160,7 +160,10 @@ def read_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     if not path.is_file():
         raise ModelFileError(f"weight file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with npz:
             arrays = {k: npz[k] for k in npz.files}  # reading each member checks its CRC
         meta = json.loads(arrays.pop("__meta__").tobytes().decode())
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as e:

@@ -117,6 +117,8 @@ def explain_dataset(
             shutil.rmtree(stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    if manifest and not all((work / f"{name}.npy").exists() for name in ARRAYS):
+        manifest = None  # stopped while moving the finished arrays out: start over
     num_classes = int(
         jax.eval_shape(lambda x: model(x), jnp.zeros((1, *images.shape[1:]))).shape[-1]
     )

@@ -18,6 +18,8 @@ IMAGES_PER_CLASS = 4
 SIZE = 32
 MARK_PIXEL = (0, 1)  # (row, column) painted with MARK_COLOUR, so a transpose shows
 MARK_COLOUR = (255, 0, 255)
+#: The cache directory the caller configured, if any, before the session replaced it.
+OUTER_LRPJAX_CACHE = os.environ.get("LRPJAX_CACHE")
 
 
 def image_pixels(split: str, label: int, index: int) -> np.ndarray:
@@ -62,6 +64,20 @@ def _private_caches(tmp_path_factory):
         os.environ.pop("LRPJAX_CACHE", None)
     else:
         os.environ["LRPJAX_CACHE"] = old_env
+
+
+@pytest.fixture
+def outer_cache(monkeypatch) -> Path | None:
+    """Use the caller's own LRPJAX_CACHE (if set and present) instead of the session's.
+
+    For the real dataset only: extracting its 60,000 files takes from seconds to minutes
+    depending on the disk, and a configured cache usually holds that extraction already.
+    Returns the directory, or None (the session's temp cache stays in use).
+    """
+    if OUTER_LRPJAX_CACHE and Path(OUTER_LRPJAX_CACHE).is_dir():
+        monkeypatch.setenv("LRPJAX_CACHE", OUTER_LRPJAX_CACHE)
+        return Path(OUTER_LRPJAX_CACHE)
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,9 +24,7 @@ from lrpjax.data import sample
 LIMIT, BATCH = 12, 8
 BASE = ["--limit", str(LIMIT), "--batch-size", str(BATCH), "--no-progress"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FILES = ("summary.json", "heatmaps.png", "class_means.png") + tuple(
-    f"{name}.npy" for name in pipeline.ARRAYS
-)
+FILES = ("summary.json", "heatmaps.png", "class_means.png", *(f"{n}.npy" for n in pipeline.ARRAYS))
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -179,9 +178,7 @@ def test_target_class_index(tmp_path, sample_data, pretrained):
     assert code == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "targets.npy"), np.full(LIMIT, 3))
     expected = np.asarray(lrpjax.explain(pretrained, sample_data[0][:LIMIT], target=3))
-    np.testing.assert_allclose(
-        np.load(tmp_path / "relevance.npy"), expected, rtol=1e-4, atol=1e-6
-    )
+    np.testing.assert_allclose(np.load(tmp_path / "relevance.npy"), expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -196,6 +193,21 @@ def test_other_composite_and_init_run(tmp_path, extra):
     settings = json.loads((tmp_path / "summary.json").read_text())["settings"]
     assert settings[extra[0][2:]] == extra[1]
     assert extra[1] in stdout
+
+
+def test_image_folder_data(tmp_path, image_folder, image_folder_expected):
+    """--data-dir with a split/class/image folder (conftest: 3 classes x 4 images)."""
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        "explain", "--data-dir", image_folder, "--batch-size", "8", "--target", "label",
+        "--no-progress", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    _, labels = image_folder_expected["test"]
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), labels)
+    np.testing.assert_array_equal(np.load(out / "targets.npy"), labels)
+    assert np.load(out / "relevance.npy").shape == (len(labels), 32, 32, 3)
+    assert f"explained {len(labels)} images ({image_folder}:test)" in stdout
 
 
 # --- resume -------------------------------------------------------------------------------
@@ -240,10 +252,13 @@ def test_interrupted_run_resumes_with_only_missing_chunks(tmp_path, monkeypatch)
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file under a folder (hidden ones too): content hash and modification time."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
     return {
-        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        str(p.relative_to(folder)): (
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            p.stat().st_mtime_ns,
+        )
+        for p in files
     }
 
 
@@ -330,26 +345,35 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("make_args", "message"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("make_args", "message"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
+)
 def test_bad_input_exits_2_and_keeps_earlier_output(tmp_path, default_run, make_args, message):
     out = tmp_path / "out"
     shutil.copytree(default_run[0], out)  # copy2: contents and mtimes kept
     before = snapshot(out)
     code, stdout, stderr = run_cli("explain", *BASE, "--out", out, *make_args(tmp_path))
     assert code == 2, stderr
-    assert stderr.startswith("error: "), stderr
+    # Progress bars of the image decoder end in "\r" (see test_no_progress_silences_decoding).
+    lines = [line for line in re.split(r"[\r\n]", stderr) if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
     assert message in stderr, stderr
-    assert [line for line in stderr.splitlines() if line.startswith("error")] == [
-        stderr.splitlines()[0]
-    ]
     assert "Traceback" not in stderr
     assert stdout == ""
     assert snapshot(out) == before
 
 
+def test_no_progress_silences_decoding(tmp_path):
+    folder = small_image_folder(tmp_path / "imgs", 28, "RGB")
+    code, _, stderr = explain_cli(tmp_path / "out", "--data-dir", folder)
+    assert code == 2
+    assert stderr.startswith("error: "), repr(stderr)
+
+
 def test_unwritable_output_folder(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
-    code, stdout, stderr = explain_cli(tmp_path / "afile" / "out")
+    code, _, stderr = explain_cli(tmp_path / "afile" / "out")
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("error: output folder") and "not writable" in stderr, stderr
@@ -377,7 +401,13 @@ def test_check_images_accepts_valid_batch():
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [(1.5, r"\[0, 1\]"), (-0.1, r"\[0, 1\]"), (255.0, r"\[0, 1\]"), (np.nan, "NaN"), (np.inf, "Inf")],
+    [
+        (1.5, r"\[0, 1\]"),
+        (-0.1, r"\[0, 1\]"),
+        (255.0, r"\[0, 1\]"),
+        (np.nan, "NaN"),
+        (np.inf, "Inf"),
+    ],
 )
 def test_check_images_refuses_bad_values(value, message):
     x = np.full((2, 32, 32, 3), 0.5, np.float32)

@@ -402,7 +402,7 @@ def test_batchnorm_epsilon_is_per_channel_affine(shape, eps):
     assert_close(rules.epsilon(eps)(bn, a, R), expected)
 
 
-def test_batchnorm_identity_returns_R():
+def test_batchnorm_identity_returns_relevance():
     rng = np.random.default_rng(17)
     a, R = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)).astype(np.float32)
     np.testing.assert_array_equal(rules.identity()(batchnorm(), a, jnp.asarray(R)), R)

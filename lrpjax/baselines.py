@@ -1,0 +1,400 @@
+r"""Baseline explainers with the same shape as `lrpjax.explainer`, and explainer specs.
+
+Every explainer here is a factory ``f(model, **params) -> (fn, state)``:
+``fn(state, x, target) -> relevance`` is a pure function of arrays (jit-compilable,
+batched), with ``x`` of shape (N, ...), ``target`` (N,) int class indices (-1: the class
+the model predicts for that image) and ``relevance`` of the shape of ``x``; ``state`` is
+the model's `nnx.State` to call it with. Gradients are those of the target's logit
+:math:`f_t(x)`. The model is explained in eval mode.
+
+Integrated gradients and SmoothGrad evaluate the model at several points per image: the
+points are folded into the batch axis (one batch of ``steps * N`` images through the
+model, reshaped back), never looped over with `jax.lax` control flow. The number of
+model passes per image is the ``passes`` attribute of their ``fn`` (`passes`), so that a
+caller can shrink its batches to keep memory flat.
+
+Noise (SmoothGrad, the random map) is drawn from a key derived from ``seed`` and the
+image's own bytes: the same image gets the same noise wherever it sits in a batch, so
+every explainer is batch-consistent and reproducible.
+
+`make` turns a spec string into an explainer, for the command line and `lrpjax.evaluate`:
+
+- ``"gradient"``, ``"sensitivity"``, ``"gradient_x_input"``, ``"random"``;
+- ``"integrated_gradients"``, ``"integrated_gradients:steps=16,baseline=0.5"``;
+- ``"smoothgrad"``, ``"smoothgrad:samples=8,noise=0.2"``;
+- ``"lrp:<preset>"`` with the preset's parameters and ``init``:
+  ``"lrp:epsilon"``, ``"lrp:epsilon:eps=0.25"``, ``"lrp:epsilon_gamma_box:gamma=0.5"``,
+  ``"lrp:epsilon:init=sglrp"``, ``"lrp:epsilon_plus_flat:init=probability"``.
+
+References:
+  Simonyan, Vedaldi, Zisserman (2014). Deep inside convolutional networks: visualising
+  image classification models and saliency maps. ICLR workshop.
+  Shrikumar, Greenside, Shcherbina, Kundaje (2016). Not just a black box: learning
+  important features through propagating activation differences. arXiv:1605.01713.
+  Sundararajan, Taly, Yan (2017). Axiomatic attribution for deep networks. ICML.
+  Smilkov, Thorat, Kim, Viégas, Wattenberg (2017). SmoothGrad: removing noise by adding
+  noise. arXiv:1706.03825.
+  Samek, Binder, Montavon, Lapuschkin, Müller (2017). Evaluating the visualization of what
+  a deep neural network has learned. IEEE TNNLS 28(11).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lrpjax import composites as composites_lib
+from lrpjax import engine
+
+__all__ = [
+    "EXPLAINERS",
+    "gradient",
+    "gradient_x_input",
+    "integrated_gradients",
+    "known_specs",
+    "lrp",
+    "make",
+    "passes",
+    "random_map",
+    "sensitivity",
+    "smoothgrad",
+]
+
+Explainer = tuple[Callable[[nnx.State, jax.Array, jax.Array], jax.Array], nnx.State]
+
+
+def passes(fn: Callable) -> int:
+    """Model passes (forward and backward) per image of an explainer function; 1 if unset."""
+    return int(getattr(fn, "passes", 1))
+
+
+def _forward(graphdef: nnx.GraphDef, state: nnx.State) -> Callable[[jax.Array], jax.Array]:
+    model = nnx.merge(graphdef, state, copy=True)
+    model.eval()
+    return model
+
+
+def _resolve(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """(N,) targets with -1 replaced by the predicted class."""
+    return jnp.where(target < 0, jnp.argmax(logits, axis=-1), target)
+
+
+def _target_gradient(
+    model: Callable, x: jax.Array, target: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Gradient of the target logit w.r.t. x, and the logits. target (N,), no -1s."""
+    logits, vjp = jax.vjp(model, x)
+    seed = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
+    return vjp(seed)[0], logits
+
+
+def _image_keys(x: jax.Array, seed: int) -> jax.Array:
+    """(N,) PRNG keys from `seed` and the bytes of each image (batch-position independent)."""
+    flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(flat, jnp.uint32)
+    weights = (jnp.arange(flat.shape[1], dtype=jnp.uint32) * jnp.uint32(2654435761)) | 1
+    digest = jnp.sum(bits * weights, axis=1, dtype=jnp.uint32)
+    base = jax.random.key(seed)
+    return jax.vmap(lambda d: jax.random.fold_in(base, d))(digest)
+
+
+def gradient(model: nnx.Module) -> Explainer:
+    r"""Gradient (saliency) of the target logit: :math:`R = \partial f_t(x) / \partial x`.
+
+    Signed, per input element (take its square, `sensitivity`, or absolute value for a
+    sensitivity map).
+
+    Args:
+      model: a Flax NNX model returning logits (N, C).
+
+    Returns:
+      ``(fn, state)``: ``fn(state, x (N, ...), target (N,)) -> (N, ...)``.
+
+    References:
+      Simonyan, Vedaldi, Zisserman (2014). Deep inside convolutional networks. ICLR
+      workshop.
+    """
+    graphdef, state = nnx.split(model)
+
+    def fn(state: nnx.State, x: jax.Array, target: jax.Array) -> jax.Array:
+        f = _forward(graphdef, state)
+        logits, vjp = jax.vjp(f, x)
+        seed = jax.nn.one_hot(_resolve(logits, target), logits.shape[-1], dtype=logits.dtype)
+        return vjp(seed)[0]
+
+    return fn, state
+
+
+def sensitivity(model: nnx.Module) -> Explainer:
+    r"""Sensitivity analysis: :math:`R = (\partial f_t(x) / \partial x)^2` per element.
+
+    Summed over channels this is :math:`\|\nabla_{x_p} f_t\|_2^2` per pixel, the heatmap of
+    sensitivity analysis in Samek et al. (2017) and Montavon et al. (2018). Non-negative: it
+    says what would change the score, not what the score is made of.
+
+    Args:
+      model: a Flax NNX model returning logits (N, C).
+
+    Returns:
+      ``(fn, state)``: ``fn(state, x (N, ...), target (N,)) -> (N, ...)``.
+
+    References:
+      Simonyan et al. (2014); Samek et al. (2017), IEEE TNNLS 28(11).
+    """
+    grad_fn, state = gradient(model)
+
+    def fn(state: nnx.State, x: jax.Array, target: jax.Array) -> jax.Array:
+        return jnp.square(grad_fn(state, x, target))
+
+    return fn, state
+
+
+def gradient_x_input(model: nnx.Module) -> Explainer:
+    r"""Gradient times input: :math:`R = x \odot \partial f_t(x) / \partial x`.
+
+    Args:
+      model: a Flax NNX model returning logits (N, C).
+
+    Returns:
+      ``(fn, state)``: ``fn(state, x (N, ...), target (N,)) -> (N, ...)``.
+
+    References:
+      Shrikumar, Greenside, Shcherbina, Kundaje (2016). Not just a black box.
+      arXiv:1605.01713.
+    """
+    grad_fn, state = gradient(model)
+
+    def fn(state: nnx.State, x: jax.Array, target: jax.Array) -> jax.Array:
+        return x * grad_fn(state, x, target)
+
+    return fn, state
+
+
+def integrated_gradients(
+    model: nnx.Module, baseline: float | jax.Array = 0.0, steps: int = 32
+) -> Explainer:
+    r"""Integrated gradients along the straight path from a baseline :math:`\bar x` to x.
+
+    .. math::
+       R = (x - \bar x) \odot \frac{1}{m} \sum_{k=1}^{m}
+           \nabla f_t\big(\bar x + \tfrac{k - 1/2}{m} (x - \bar x)\big)
+
+    (the midpoint rule with ``m = steps``; exact for models linear in x). By completeness,
+    :math:`\sum R \approx f_t(x) - f_t(\bar x)`. The target of -1 is the class predicted
+    at x (not at the path points). The ``m`` path points of every image are folded into
+    the batch axis: one pass over ``m * N`` inputs.
+
+    Args:
+      model: a Flax NNX model returning logits (N, C).
+      baseline: a scalar, or an array broadcastable to x ((...) of one image, or (N, ...)).
+      steps: number of points on the path, m >= 1.
+
+    Returns:
+      ``(fn, state)``: ``fn(state, x (N, ...), target (N,)) -> (N, ...)``; ``fn.passes``
+      is ``steps + 1``.
+
+    References:
+      Sundararajan, Taly, Yan (2017). Axiomatic attribution for deep networks. ICML.
+    """
+    if int(steps) < 1:
+        raise ValueError(f"integrated_gradients needs steps >= 1, got {steps}")
+    steps = int(steps)
+    graphdef, state = nnx.split(model)
+
+    def fn(state: nnx.State, x: jax.Array, target: jax.Array) -> jax.Array:
+        f = _forward(graphdef, state)
+        target = _resolve(f(x), target)
+        base = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
+        alphas = ((jnp.arange(steps) + 0.5) / steps).astype(x.dtype)
+        alphas = alphas.reshape((steps,) + (1,) * x.ndim)
+        path = base[None] + alphas * (x - base)[None]  # (m, N, ...)
+        grads, _ = _target_gradient(
+            f, path.reshape((steps * x.shape[0], *x.shape[1:])), jnp.tile(target, steps)
+        )
+        return (x - base) * grads.reshape(path.shape).mean(axis=0)
+
+    fn.passes = steps + 1
+    return fn, state
+
+
+def smoothgrad(
+    model: nnx.Module, noise: float = 0.1, samples: int = 16, seed: int = 0
+) -> Explainer:
+    r"""SmoothGrad: the gradient averaged over noisy copies of the input.
+
+    .. math::
+       R = \frac{1}{n} \sum_{i=1}^{n} \nabla f_t(x + \epsilon_i), \qquad
+       \epsilon_i \sim \mathcal N(0, \sigma^2), \quad
+       \sigma = \mathrm{noise} \cdot (\max x - \min x)
+
+    with the range taken per image (the paper's noise level :math:`\sigma / (x_{max} -
+    x_{min})`). ``noise=0`` gives the plain gradient. The n samples of every image are
+    folded into the batch axis; the noise depends on ``seed`` and the image only.
+
+    Args:
+      model: a Flax NNX model returning logits (N, C).
+      noise: noise standard deviation as a fraction of each image's value range.
+      samples: number of noisy copies n >= 1.
+      seed: seed of the noise.
+
+    Returns:
+      ``(fn, state)``: ``fn(state, x (N, ...), target (N,)) -> (N, ...)``; ``fn.passes``
+      is ``samples + 1``.
+
+    References:
+      Smilkov, Thorat, Kim, Viégas, Wattenberg (2017). SmoothGrad: removing noise by adding
+      noise. arXiv:1706.03825.
+    """
+    if int(samples) < 1:
+        raise ValueError(f"smoothgrad needs samples >= 1, got {samples}")
+    samples = int(samples)
+    graphdef, state = nnx.split(model)
+
+    def fn(state: nnx.State, x: jax.Array, target: jax.Array) -> jax.Array:
+        f = _forward(graphdef, state)
+        target = _resolve(f(x), target)
+        n = x.shape[0]
+        flat = x.reshape(n, -1)
+        sigma = noise * (flat.max(axis=1) - flat.min(axis=1))
+        eps = jax.vmap(lambda k: jax.random.normal(k, (samples, *x.shape[1:]), x.dtype))(
+            _image_keys(x, seed)
+        )  # (N, n, ...)
+        eps = jnp.moveaxis(eps, 1, 0) * sigma.reshape((1, n) + (1,) * (x.ndim - 1))
+        noisy = (x[None] + eps.astype(x.dtype)).reshape((samples * n, *x.shape[1:]))
+        grads, _ = _target_gradient(f, noisy, jnp.tile(target, samples))
+        return grads.reshape((samples, *x.shape)).mean(axis=0)
+
+    fn.passes = samples + 1
+    return fn, state
+
+
+def random_map(model: nnx.Module, seed: int = 0) -> Explainer:
+    r"""A random map, :math:`R \sim \mathcal N(0, 1)` i.i.d. per element: the null explainer.
+
+    It ignores the model and the target (a lower bound for faithfulness metrics); the values
+    depend on ``seed`` and the image only.
+
+    Args:
+      model: the model (unused but for its state, to keep the explainer shape).
+      seed: seed of the map.
+
+    Returns:
+      ``(fn, state)``: ``fn(state, x (N, ...), target (N,)) -> (N, ...)``.
+
+    References:
+      Samek et al. (2017), IEEE TNNLS 28(11): random ordering as the baseline of pixel
+      flipping.
+    """
+    _, state = nnx.split(model)
+
+    def fn(state: nnx.State, x: jax.Array, target: jax.Array) -> jax.Array:
+        del state, target
+        keys = _image_keys(x, seed)
+        return jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], jnp.float32))(keys).astype(
+            x.dtype
+        )
+
+    return fn, state
+
+
+def lrp(model: nnx.Module, composite: str = "epsilon", init: str = "logit", **params) -> Explainer:
+    """LRP through `lrpjax.explainer`, returning the relevance only.
+
+    Args:
+      model: a Flax NNX model.
+      composite: a preset name of `lrpjax.composites.PRESETS`, called with ``**params``.
+      init: output relevance (``"logit"``, ``"probability"``, ``"one"``, ``"sglrp"``).
+      **params: the preset's keyword arguments (e.g. ``eps``, ``gamma``).
+
+    Returns:
+      ``(fn, state)``: ``fn(state, x (N, ...), target (N,)) -> (N, ...)``.
+    """
+    if composite not in composites_lib.PRESETS:
+        raise ValueError(
+            f"unknown composite {composite!r}; presets: {', '.join(composites_lib.PRESETS)}"
+        )
+    if init not in engine.INITS:
+        raise ValueError(f"unknown init {init!r}; choose from {', '.join(engine.INITS)}")
+    try:
+        comp = composites_lib.PRESETS[composite](**params)
+    except TypeError as e:
+        raise ValueError(f"bad parameters for composite {composite!r}: {e}") from None
+    lrp_fn, state = engine.explainer(model, composite=comp, init=init)
+
+    def fn(state: nnx.State, x: jax.Array, target: jax.Array) -> jax.Array:
+        return lrp_fn(state, x, target).relevance
+
+    return fn, state
+
+
+#: Baseline explainers by spec name: factory ``f(model, **params) -> (fn, state)``.
+EXPLAINERS: dict[str, Callable[..., Explainer]] = {
+    "gradient": gradient,
+    "sensitivity": sensitivity,
+    "gradient_x_input": gradient_x_input,
+    "integrated_gradients": integrated_gradients,
+    "smoothgrad": smoothgrad,
+    "random": random_map,
+}
+
+
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _params(text: str, spec: str) -> dict[str, Any]:
+    params = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"explainer spec {spec!r}: expected key=value, got {item!r}")
+        params[key.strip()] = _value(value.strip())
+    return params
+
+
+def known_specs() -> list[str]:
+    """The explainer names `make` accepts (parameters aside)."""
+    return [*EXPLAINERS, *(f"lrp:{name}" for name in composites_lib.PRESETS)]
+
+
+def make(model: nnx.Module, spec: str) -> Explainer:
+    """An explainer ``(fn, state)`` from a spec string.
+
+    Args:
+      model: a Flax NNX model returning logits.
+      spec: ``"<name>"`` or ``"<name>:key=value,..."`` for a name of `EXPLAINERS`, or
+        ``"lrp:<preset>"``, ``"lrp:<preset>:key=value,..."`` where the keys are the
+        preset's parameters and ``init``. Values are parsed as int, float, else string.
+
+    Returns:
+      ``(fn, state)``: ``fn(state, x (N, ...), target (N,)) -> relevance (N, ...)``.
+
+    Raises:
+      ValueError: an unknown name (listing the known ones) or bad parameters.
+    """
+    known = ", ".join(known_specs())
+    spec = spec.strip()
+    if spec.startswith("lrp:"):
+        composite, _, rest = spec[4:].partition(":")
+        if composite not in composites_lib.PRESETS:
+            raise ValueError(f"unknown explainer {spec!r}; known: {known}")
+        params = _params(rest, spec)
+        init = str(params.pop("init", "logit"))
+        return lrp(model, composite, init, **params)
+    name, _, rest = spec.partition(":")
+    if name not in EXPLAINERS:
+        raise ValueError(f"unknown explainer {spec!r}; known: {known}")
+    params = _params(rest, spec)
+    try:
+        return EXPLAINERS[name](model, **params)
+    except TypeError as e:
+        raise ValueError(f"bad parameters in explainer spec {spec!r}: {e}") from None

@@ -1,0 +1,74 @@
+"""``lrpjax bench``: structure of its report (no timing assertions: the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+
+from lrpjax import cli
+
+METHODS = ("forward", "gradient", "lrp:epsilon")
+
+
+def test_bench_smoke(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    code = cli.main(
+        ["bench", "--batch-sizes", "2", "--repeats", "1", "--random-model",
+         "--methods", ",".join(METHODS), "--json", str(path)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(path.read_text())
+    rows = report["results"]
+    assert [r["method"] for r in rows] == list(METHODS)
+    for r in rows:
+        assert r["batch_size"] == 2
+        assert r["run_s"] > 0 and r["compile_s"] > 0 and r["images_per_second"] > 0
+        assert r["images_per_second"] == 2 / r["run_s"]
+    forward = next(r for r in rows if r["method"] == "forward")
+    gradient = next(r for r in rows if r["method"] == "gradient")
+    assert forward["vs_forward"] == 1.0
+    assert gradient["vs_gradient"] == 1.0
+    assert report["repeats"] == 1 and report["dtype"] == "float32"
+    assert "train" not in report
+    assert "| 2 | lrp:epsilon |" in out
+    assert f"wrote {path}" in out
+
+
+def test_bench_train(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    code = cli.main(
+        ["bench", "--batch-sizes", "8", "--repeats", "1", "--random-model",
+         "--methods", "forward", "--train", "--json", str(path)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(path.read_text())
+    (train,) = report["train"]
+    assert train["batch_size"] == 8
+    assert train["run_s"] > 0 and train["images_per_second"] > 0
+    assert "train_step" in out
+    (row,) = report["results"]
+    assert row["vs_gradient"] is None  # no gradient row to compare with
+
+
+def test_bench_unknown_method(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    code = cli.main(
+        ["bench", "--batch-sizes", "2", "--repeats", "1", "--random-model",
+         "--methods", "forward,nope", "--json", str(path)]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("error: unknown method 'nope'"), captured.err
+    assert "Traceback" not in captured.err
+    assert not path.exists()  # refused before any timing
+
+
+def test_bench_unknown_composite(tmp_path, capsys):
+    code = cli.main(
+        ["bench", "--batch-sizes", "2", "--repeats", "1", "--random-model",
+         "--methods", "lrp:nope", "--json", str(tmp_path / "b.json")]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("error: unknown composite 'nope'"), captured.err
