@@ -207,7 +207,7 @@ def evaluate(
     sanity = None
     if sanity_images > 0:
         sanity = metrics.model_randomization(
-            model, images[:sanity_images], list(explainers), target[:sanity_images],
+            model, images[:sanity_images], built, target[:sanity_images],
             seed=seed, threshold=threshold, progress=progress,
         )  # fmt: skip
         for spec in explainers:

@@ -126,13 +126,10 @@ def _fill(images: np.ndarray, replacement: str, region: int, seed: int, start: i
         return np.zeros_like(x)
     if replacement == "blur":
         return _blur(x, sigma=max(region / 2.0, 1.0))
-    if replacement == "uniform":
-        base = jax.random.key(seed)
-        index = jnp.arange(start, start + len(x), dtype=jnp.uint32)
-        noise = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(base, i), x.shape[1:]))(
-            index
-        )
-        return np.asarray(noise, x.dtype)
+    if replacement == "uniform":  # one generator per image index: independent of batching
+        return np.stack(
+            [np.random.default_rng([seed, start + i]).random(x.shape[1:]) for i in range(len(x))]
+        ).astype(x.dtype)
     raise ValueError(f"unknown replacement {replacement!r}; choose from {', '.join(REPLACEMENTS)}")
 
 
@@ -348,15 +345,15 @@ def randomize_layers(state: nnx.State, layers: Sequence[str], seed: int = 0) -> 
     Returns:
       A state of the same structure.
     """
-    base = jax.random.key(seed)
     flat = []
     for path, var in nnx.to_flat_state(state):
         owner = next((layer for layer in layers if _in_layer(path, layer)), None)
         if owner is not None and isinstance(var, nnx.Param):
-            value = jnp.asarray(var.get_value())
-            key = jax.random.fold_in(base, zlib.crc32("/".join(map(str, path)).encode()))
-            noise = jax.random.normal(key, value.shape, jnp.float32).astype(value.dtype)
-            var = var.replace(jnp.mean(value) + jnp.std(value) * noise)
+            value = np.asarray(var.get_value())
+            rng = np.random.default_rng([seed, zlib.crc32("/".join(map(str, path)).encode())])
+            noise = rng.standard_normal(value.shape, np.float32)
+            new = value.mean(dtype=np.float64) + value.std(dtype=np.float64) * noise
+            var = var.replace(jnp.asarray(new, value.dtype))
         flat.append((path, var))
     return nnx.from_flat_state(flat)
 
@@ -455,7 +452,11 @@ def model_randomization(
             fns[name] = (jax.jit(fn), None)
         else:
             fn, state = spec
-            fns[name] = (jax.jit(fn), state)
+            same = jax.tree.structure(state) == jax.tree.structure(model_state) and all(
+                a is b
+                for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(model_state), strict=True)
+            )
+            fns[name] = (jax.jit(fn), None if same else state)
     n = images.shape[0]
     target = jnp.broadcast_to(jnp.asarray(-1 if target is None else target), (n,)).astype(jnp.int32)
     if bool(jnp.any(target < 0)):

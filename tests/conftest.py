@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -67,17 +68,20 @@ def _private_caches(tmp_path_factory):
 
 
 @pytest.fixture
-def outer_cache(monkeypatch) -> Path | None:
-    """Use the caller's own LRPJAX_CACHE (if set and present) instead of the session's.
+def real_data_cache(monkeypatch) -> Path:
+    """The cache for the real dataset: the caller's LRPJAX_CACHE, else one kept in the temp dir.
 
-    For the real dataset only: extracting its 60,000 files takes from seconds to minutes
-    depending on the disk, and a configured cache usually holds that extraction already.
-    Returns the directory, or None (the session's temp cache stays in use).
+    Extracting the 60,000 files of the CIFAR-10 copy takes from seconds to minutes depending
+    on the disk, so it is done once per machine rather than once per session: a configured
+    LRPJAX_CACHE usually holds it already; otherwise it goes to ``$TMPDIR/lrpjax-test-cache``,
+    which later sessions reuse. (Never ``~/.cache``.)
     """
     if OUTER_LRPJAX_CACHE and Path(OUTER_LRPJAX_CACHE).is_dir():
-        monkeypatch.setenv("LRPJAX_CACHE", OUTER_LRPJAX_CACHE)
-        return Path(OUTER_LRPJAX_CACHE)
-    return None
+        cache = Path(OUTER_LRPJAX_CACHE)
+    else:
+        cache = Path(tempfile.gettempdir()) / "lrpjax-test-cache"
+    monkeypatch.setenv("LRPJAX_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")

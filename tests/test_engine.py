@@ -500,11 +500,6 @@ def test_minivgg_layerwise(vgg):
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layerwise dicts come back in sorted key order (jit rebuilds dict pytrees sorted),"
-    " not in the order the layers run",
-)
 def test_minivgg_layerwise_keys_in_call_order(vgg):
     _, layers = lrpjax.explain(vgg, robust_images(), layerwise=True)
     assert list(layers) == list(MiniVGG.LAYERS)
@@ -626,6 +621,20 @@ class Hybrid(nnx.Module):
 def test_unexplainable_models_raise_layer_error(cls):
     with pytest.raises(lrpjax.LayerError):
         lrpjax.explain(cls(nnx.Rngs(0)), np.ones((2, 4), np.float32))
+
+
+class TanhGlue(nnx.Module):
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(4, 4, rngs=rngs)
+        self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.dense(x)))
+
+
+def test_non_homogeneous_glue_raises_layer_error():
+    with pytest.raises(lrpjax.LayerError, match="tanh"):
+        lrpjax.explain(TanhGlue(nnx.Rngs(0)), np.ones((2, 4), np.float32))
 
 
 def test_unknown_composite_raises(mlp_setup):

@@ -278,11 +278,6 @@ def test_bad_weight_files_raise_model_file_error(saved, tmp_path, make, fragment
     assert isinstance(info.value, ValueError)  # callers may catch ValueError
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: read_arrays uses np.load's result as a context manager; for a .npy file it "
-    "is an ndarray and TypeError escapes instead of ModelFileError",
-)
 def test_npy_file_raises_model_file_error(tmp_path):
     path = tmp_path / "weights.npz"
     with open(path, "wb") as f:
