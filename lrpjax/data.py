@@ -12,8 +12,9 @@ Sources, given to `load` as one string:
 - a ``.tar.gz`` of such a folder, extracted once into a cache directory
   (``$LRPJAX_CACHE`` or ``~/.cache/lrpjax``).
 
-Image folders are decoded with Pillow and the decoded split is cached as ``.npy`` beside the
-extraction, so TensorFlow is never imported for them.
+Image folders are decoded with Pillow and the decoded split is cached as
+``.<split>-decoded.npz`` in the dataset folder (or the extraction), so TensorFlow is never
+imported for them.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def cache_dir() -> Path:
 
 def _extract(archive: Path) -> Path:
     """Extract a ``.tar.gz`` once; a marker file written last says the extraction is whole."""
-    digest = hashlib.sha256(f"{archive.resolve()}:{archive.stat().st_size}".encode()).hexdigest()
+    st = archive.stat()
+    digest = hashlib.sha256(f"{archive.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
     target = cache_dir() / f"{archive.name.split('.')[0]}-{digest[:12]}"
     if (target / ".complete").exists():
         return target
@@ -148,7 +150,13 @@ def image_folder(
     root = _dataset_root(path, split)
     split_dir = root / split
     cached = split_dir.parent / f".{split}-decoded.npz"
-    stamp = str(max((p.stat().st_mtime_ns for p in split_dir.iterdir()), default=0))
+    stamp = hashlib.sha256(  # any added, removed or rewritten file invalidates the cache
+        "\n".join(
+            f"{p.relative_to(split_dir)}:{st.st_size}:{st.st_mtime_ns}"
+            for p in sorted(split_dir.rglob("*"))
+            for st in [p.stat()]
+        ).encode()
+    ).hexdigest()
     if cached.exists():
         with np.load(cached, allow_pickle=False) as npz:
             if str(npz["stamp"]) == stamp:

@@ -111,6 +111,19 @@ def _column_se(curves: np.ndarray) -> list[float | None]:
     return (curves.std(axis=0, ddof=1) / np.sqrt(len(curves))).tolist()
 
 
+def _clean(obj):
+    """JSON-ready copy: tuples as lists, NaN and infinities as None."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return _finite(float(obj))
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
 def _finite(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
@@ -159,8 +172,12 @@ def evaluate(
       ValueError: an unknown explainer spec, or bad perturbation settings.
     """
     images = np.asarray(images, np.float32)
+    if images.ndim != 4 or not len(images):
+        raise ValueError(f"images must be a non-empty (N, H, W, C) batch, got {images.shape}")
     if not explainers:
         raise ValueError("no explainers given")
+    if not orders or any(o not in metrics.ORDERS for o in orders):
+        raise ValueError(f"orders must be some of {', '.join(metrics.ORDERS)}, got {orders}")
     if len(set(explainers)) != len(explainers):
         raise ValueError(f"explainers repeated: {', '.join(explainers)}")
     built = {spec: baselines.make(model, spec) for spec in explainers}  # fail early
@@ -211,10 +228,10 @@ def evaluate(
             seed=seed, threshold=threshold, progress=progress,
         )  # fmt: skip
         for spec in explainers:
-            results[spec]["randomized_correlation"] = sanity["correlation"][spec][-1][1]
-            results[spec]["randomized_correlation_signed"] = sanity["correlation_signed"][spec][-1][
-                1
-            ]
+            _, rho = sanity["correlation"][spec][-1]
+            _, rho_signed = sanity["correlation_signed"][spec][-1]
+            results[spec]["randomized_correlation"] = rho
+            results[spec]["randomized_correlation_signed"] = rho_signed
             results[spec]["insensitive"] = spec in sanity["insensitive"]
     report = {
         "settings": {
@@ -239,6 +256,7 @@ def evaluate(
         "sanity": sanity,
         "files": ["aopc.json", "aopc.md", "curves.png"] + (["sanity.png"] if sanity else []),
     }
+    report = _clean(report)
     (out / "aopc.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     (out / "aopc.md").write_text(table(report) + "\n")
     curves_figure(report, out / "curves.png")
@@ -304,14 +322,16 @@ def curves_figure(report: dict, path: str | Path) -> None:
     for ax, order in zip(axes, orders, strict=True):
         for spec, r in report["explainers"].items():
             res = r[order]
-            ax.plot(x, res["curve"], label=f"{spec} ({res['aopc']:.3f})", lw=1.4)
+            value = "-" if res["aopc"] is None else f"{res['aopc']:.3f}"
+            curve = [np.nan if v is None else v for v in res["curve"]]
+            ax.plot(x, curve, label=f"{spec} ({value})", lw=1.4)
         ax.set_title(
             f"{order.upper()}: {'most' if order == 'morf' else 'least'} relevant first", fontsize=10
         )
         ax.set_xlabel("fraction of regions removed")
         ax.set_ylabel(f"mean {s['score']} of the explained class")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title="explainer (AOPC)", title_fontsize=7)
+        ax.legend(fontsize=7, title="explainer (AOPC)", title_fontsize=7, loc="best")
     fig.suptitle(
         f"Region perturbation, {s['images']} images, {s['region']} px regions, "
         f"replacement {s['replacement']}",
@@ -343,7 +363,7 @@ def sanity_figure(sanity: dict, path: str | Path) -> None:
         ax.set_ylim(-0.3, 1.05)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper right")
+    axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(
         f"Model randomization (Adebayo et al. 2018), {sanity['images']} images; dashed: "
         "insensitive",

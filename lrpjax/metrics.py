@@ -24,6 +24,10 @@ Spearman rank correlation per image (averaged over images), of the channel-summe
 map and of the channel-summed signed map. An explanation that still looks the same once
 the model is random cannot be explaining the model: explainers whose absolute-map
 correlation after randomizing all layers stays above a threshold are flagged insensitive.
+Batch statistics are kept, so the activations of a randomized network can grow by orders
+of magnitude (on the shipped MiniVGG the logits reach ~1e3): explainers that start from the
+softmax (LRP with ``init="sglrp"`` or ``"probability"``) may then give all-zero maps, which
+count as changed (rank correlation 0 against a non-constant map).
 
 References:
   Samek, Binder, Montavon, Lapuschkin, Müller (2017). Evaluating the visualization of what

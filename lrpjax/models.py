@@ -166,6 +166,8 @@ def read_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
         with npz:
             arrays = {k: npz[k] for k in npz.files}  # reading each member checks its CRC
         meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+        if not isinstance(meta, dict):
+            raise ValueError("its header is not a JSON object")
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as e:
         raise ModelFileError(
             f"{path} is not a readable lrpjax weight file (truncated or corrupted?): {e}"

@@ -105,11 +105,6 @@ def test_cache_is_refreshed_when_a_class_folder_changes(folder, image_folder_exp
     np.testing.assert_array_equal(np.bincount(labels), [4, 5, 4])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the decoded-split cache is stamped with the class folders' mtimes only, so an "
-    "image rewritten in place (same name) keeps being served from the stale cache",
-)
 def test_cache_is_refreshed_when_an_image_is_rewritten(folder):
     data.image_folder(folder, "test")
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "test" / "cat" / "000.png")

@@ -204,7 +204,7 @@ def test_conservation_signed_random(kind, composite, eager):
     assert_layers_conserve(kind, layers, relevance, target_logit(model, x, target))
 
 
-def test_flat_first_layer_relevance_reaches_zero_inputs():
+def test_flat_first_layer_relevance_reaches_zero_inputs(eager):
     model = build("mlp", seed=5)
     x = np.zeros((2, 6), np.float32)
     x[:, :3] = [[1.0, -2.0, 0.5], [0.3, 0.2, 0.1]]
@@ -235,7 +235,7 @@ def test_single_linear_with_bias_keeps_the_inputs_share():
     np.testing.assert_allclose(per_sample_sum(relevance), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_biases_absorb_exactly_their_share_layer_by_layer():
+def test_biases_absorb_exactly_their_share_layer_by_layer(eager):
     """MLP with biases, epsilon rule: what each layer does not pass on is what its biases
     (and the stabiliser) take, computed from a NumPy forward pass; the totals telescope."""
     model = build("mlp", use_bias=True, seed=7)
@@ -274,7 +274,7 @@ def test_biases_absorb_exactly_their_share_layer_by_layer():
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "skip"])
-def test_lrp0_equals_gradient_times_input(kind):
+def test_lrp0_equals_gradient_times_input(kind, eager):
     model = build(kind, seed=9)
     x = inputs(kind, seed=10)
     target = np.array([2, 0, 1])
@@ -340,7 +340,7 @@ def test_output_relevance_values():
     )
 
 
-def test_callable_init(mlp_setup):
+def test_callable_init(mlp_setup, eager):
     model, x, _ = mlp_setup
     target = np.array([0, 1, 2, 1])
     comp = on_linear(rules.z())
@@ -362,7 +362,7 @@ def test_unknown_init_raises(mlp_setup):
 # --- targets ---------------------------------------------------------------------------
 
 
-def test_targets(mlp_setup):
+def test_targets(mlp_setup, eager):
     model, x, logits = mlp_setup
     comp = on_linear(rules.epsilon(0.01))
     predicted = np.argmax(logits, axis=1)
@@ -384,7 +384,7 @@ def test_targets(mlp_setup):
     assert not np.allclose(r_multi[:, 0], r_multi[:, 1])
 
 
-def test_multi_target_layerwise_shapes(mlp_setup):
+def test_multi_target_layerwise_shapes(mlp_setup, eager):
     model, x, _ = mlp_setup
     multi = np.array([[0, 1], [2, 0], [1, 1], [0, 2]])
     r, layers = lrpjax.explain(model, x, target=multi, layerwise=True)

@@ -298,12 +298,6 @@ def test_defaults_are_the_reference_recipe():
     assert resume and no_progress
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SystemExit,
-    reason="bug: on missing data `python -m train` prints lrpjax.data's advice to use "
-    "`--dataset cifar10` or `--data-dir PATH`, flags it does not accept (it has --data)",
-)
 def test_cli_accepts_the_flags_its_data_error_names():
     assert parse_args(["--dataset", "cifar10"])[0].data == "cifar10"
     assert parse_args(["--data-dir", "some/folder"])[0].data == "some/folder"

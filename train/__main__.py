@@ -18,6 +18,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
     )
     p.add_argument(
         "--data",
+        "--data-dir",
+        "--dataset",
+        dest="data",
         default=defaults.data,
         help="'cifar10' (tensorflow-datasets) or an image folder / .tar.gz in split/class/image "
         "layout with train/ and test/ splits",
