@@ -137,7 +137,7 @@ def evaluate(
     *,
     region: int = 4,
     steps: int | None = 16,
-    replacement: str = "mean",
+    replacement: str = "blur",
     score: str = "logit",
     orders: Sequence[str] = ("morf", "lerf"),
     batch_size: int = 256,
@@ -397,7 +397,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", help="weights from `python -m train` (default: shipped model)")
     p.add_argument("--region", type=int, default=4, help="region side in pixels (default 4)")
     p.add_argument("--steps", type=int, default=16, help="regions removed (default 16)")
-    p.add_argument("--replacement", default="mean", choices=metrics.REPLACEMENTS)
+    p.add_argument("--replacement", default="blur", choices=metrics.REPLACEMENTS)
     p.add_argument("--score", default="logit", choices=metrics.SCORES)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--sanity-images", type=int, default=16, help="0 skips the sanity check")
