@@ -118,12 +118,13 @@ def benchmark(
             fn, state = method_fn(model, method)
             compile_s, run_s = _time(jax.jit(fn), state, x, repeats=repeats)
             times[method] = run_s
-            rows.append({"batch_size": bs, "method": method, "compile_s": compile_s,
-                         "run_s": run_s, "images_per_second": bs / run_s})  # fmt: skip
+            rows.append(
+                {"batch_size": bs, "method": method, "compile_s": compile_s, "run_s": run_s,
+                 "images_per_second": bs / run_s}
+            )  # fmt: skip
             if progress:
-                progress(
-                    f"  batch {bs:5d} {method:28s} {run_s * 1e3:9.2f} ms  (compile {compile_s:.1f} s)"
-                )
+                ms = run_s * 1e3
+                progress(f"  batch {bs:5d} {method:28s} {ms:9.2f} ms  (compile {compile_s:.1f} s)")
         for row in rows:
             if row["batch_size"] == bs:
                 row["vs_forward"] = row["run_s"] / times["forward"] if "forward" in times else None

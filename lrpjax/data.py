@@ -58,7 +58,9 @@ def cache_dir() -> Path:
 def _extract(archive: Path) -> Path:
     """Extract a ``.tar.gz`` once; a marker file written last says the extraction is whole."""
     st = archive.stat()
-    digest = hashlib.sha256(f"{archive.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    digest = hashlib.sha256(
+        f"{archive.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()
+    ).hexdigest()
     target = cache_dir() / f"{archive.name.split('.')[0]}-{digest[:12]}"
     if (target / ".complete").exists():
         return target
@@ -110,7 +112,9 @@ def _decode_split(
     if not files:
         raise DataUnavailableError(_how_to_get_data(f"no images under {split_dir}"))
     images = []
-    bar = tqdm(files, desc=f"decoding {split_dir.name}", unit="img", leave=False, disable=not progress)
+    bar = tqdm(
+        files, desc=f"decoding {split_dir.name}", unit="img", leave=False, disable=not progress
+    )
     for f, _ in bar:
         try:
             with Image.open(f) as im:

@@ -302,8 +302,38 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
 # Operations that are not positively homogeneous: outside a layer with a rule, relevance
 # through them would not be conserved, and the map would be silently wrong.
 _NON_HOMOGENEOUS = frozenset(
-    "tanh logistic exp exp2 log log1p expm1 erf erfc erf_inv sin cos tan asin acos atan atan2 "
-    "sinh cosh asinh acosh atanh sqrt rsqrt cbrt pow integer_pow square lgamma digamma".split()
+    [
+        "tanh",
+        "logistic",
+        "exp",
+        "exp2",
+        "log",
+        "log1p",
+        "expm1",
+        "erf",
+        "erfc",
+        "erf_inv",
+        "sin",
+        "cos",
+        "tan",
+        "asin",
+        "acos",
+        "atan",
+        "atan2",
+        "sinh",
+        "cosh",
+        "asinh",
+        "acosh",
+        "atanh",
+        "sqrt",
+        "rsqrt",
+        "cbrt",
+        "pow",
+        "integer_pow",
+        "square",
+        "lgamma",
+        "digamma",
+    ]
 )
 
 
