@@ -117,7 +117,7 @@ def epsilon(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
     (default epsilon(1e-6)).
     """
     rule = rules.epsilon(eps)
-    return _preset(f"epsilon(eps={eps})", rule, rule, batchnorm or rules.epsilon())
+    return _preset(f"epsilon(eps={float(eps)})", rule, rule, batchnorm or rules.epsilon())
 
 
 def epsilon_plus(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
@@ -173,7 +173,7 @@ def sequential_a(eps: float = 0.25, batchnorm: RuleLike | None = None) -> Compos
     Mapping: Linear -> epsilon(eps); Conv -> alpha_beta(1, 0); BatchNorm -> epsilon(1e-6).
     """
     return _preset(
-        f"sequential_a(eps={eps})", rules.epsilon(eps), rules.alpha_beta(1, 0),
+        f"sequential_a(eps={float(eps)})", rules.epsilon(eps), rules.alpha_beta(1, 0),
         batchnorm or rules.epsilon(),
     )  # fmt: skip
 
@@ -185,7 +185,7 @@ def sequential_b(eps: float = 0.25, batchnorm: RuleLike | None = None) -> Compos
     Mapping: Linear -> epsilon(eps); Conv -> alpha_beta(2, 1); BatchNorm -> epsilon(1e-6).
     """
     return _preset(
-        f"sequential_b(eps={eps})", rules.epsilon(eps), rules.alpha_beta(2, 1),
+        f"sequential_b(eps={float(eps)})", rules.epsilon(eps), rules.alpha_beta(2, 1),
         batchnorm or rules.epsilon(),
     )  # fmt: skip
 

@@ -38,6 +38,7 @@ from jax.extend import core as jax_core
 
 from lrpjax import composites as composites_lib
 from lrpjax import rules as rules_lib
+from lrpjax.layers import Flatten
 
 __all__ = ["INITS", "Explanation", "LayerError", "explain", "explainer", "output_relevance"]
 
@@ -114,7 +115,7 @@ class _Tape:
 
     def __init__(self):
         self.recording = True
-        self.model_input: Any = None
+        self.input_like: list[Any] = []  # the model input, and it flattened by layers
         self.calls: list[str] = []
         self.shapes: dict[str, jax.ShapeDtypeStruct] = {}
         self.takes_input: set[str] = set()
@@ -137,9 +138,12 @@ class _Probe:
                 )
             tape.calls.append(path)
             tape.shapes[path] = jax.ShapeDtypeStruct(a.shape, a.dtype)
-            if a is tape.model_input:
+            if any(a is t for t in tape.input_like):
                 tape.takes_input.add(path)
-            return layer(a)
+            y = layer(a)
+            if path in tape.takes_input and isinstance(layer, Flatten | nnx.Dropout):
+                tape.input_like.append(y)  # the next layer still sees the input, reshaped
+            return y
         rule = tape.rules[path]
         follows_gradient = isinstance(rule, rules_lib.Rule) and rule.fn is rules_lib._gradient
 
@@ -260,7 +264,7 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
             probes_by_path[obj.path] = obj.layer
 
         def record(x):
-            tape.model_input = x
+            tape.input_like = [x]
             return model(x)
 
         jax.eval_shape(record, x)
@@ -284,7 +288,7 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
             R_top = output_relevance(logits, t, init)
             c_x, R_layers = vjp(_safe_per_unit(R_top, logits).astype(logits.dtype))
             relevance = x * c_x
-            direct = [R_layers[p] for p in tape.takes_input]
+            direct = [R_layers[p].reshape(x.shape) for p in tape.takes_input]
             if direct:  # rules like flat or z^B give relevance to zero inputs, too
                 relevance = relevance + jnp.where(jnp.abs(x) > _TINY, 0.0, sum(direct))
             ordered = {p: R_layers[p] for p in tape.calls} if layerwise else None

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lrpjax.layers import MaxPool, _upsample, _window_axes, _windowed
@@ -212,19 +213,17 @@ def _z(layer: nnx.Module, a: Array, R: Array) -> Array:
     return a * vjp(_safe_divide(R, zk))[0]
 
 
-_NUMERICALLY_ZERO = 1e-5
-
-
 def _signed_parts(aff: Affine, a: Array):
-    """vjp-able halves of a linear layer: ``W a`` and ``|W| |a|`` (no bias).
+    r"""vjp-able halves of a linear layer: ``W a`` and ``|W| |a|`` (no bias), for `gamma`.
 
-    Positive and negative contributions follow from these two without splitting the input
-    and the weights four ways: with :math:`a = a^+ + a^-` and :math:`W = W^+ + W^-`,
+    With :math:`a = a^+ + a^-` and :math:`W = W^+ + W^-`,
     :math:`W^+ a^+ + W^- a^- = (Wa + |W||a|) / 2` and
     :math:`W^- a^+ + W^+ a^- = (Wa - |W||a|) / 2`; on the backward pass, since
     :math:`a^+` and :math:`a^-` have disjoint support, the four transposed products reduce
-    to :math:`a \\odot W^\top u + |a| \\odot |W|^\top v`. Two convolutions and two
-    transposed ones instead of four and four.
+    to :math:`a \odot W^\top u + |a| \odot |W|^\top v`: two convolutions and two
+    transposed ones instead of four and four. Exact where the denominators are of the
+    order of :math:`|W||a|`, as gamma's are (they contain all of z); alpha-beta's one-sided
+    denominators can be much smaller, so `alpha_beta` sums each side directly.
     """
     za, vjp_w = jax.vjp(lambda x: aff.apply(x, aff.kernel, None), a)
     abs_a = jnp.abs(a)
@@ -238,19 +237,19 @@ def _signed_parts(aff: Affine, a: Array):
 
 def _alpha_beta(layer: nnx.Module, a: Array, R: Array, *, alpha: float, beta: float, eps: float):
     aff = as_affine(layer)
-    za, zabs, backward = _signed_parts(aff, a)
-    z_pos = 0.5 * (za + zabs)  # sum of positive contributions: w+ a+ + w- a-
-    z_neg = 0.5 * (za - zabs)  # sum of negative contributions: w- a+ + w+ a-
-    # A side with no contributions at all passes nothing (its numerators are all 0); in
-    # float32 its sum is only ~1e-7 |W||a| small, not 0, so decide with a tolerance.
-    has_pos = z_pos > _NUMERICALLY_ZERO * zabs
-    has_neg = -z_neg > _NUMERICALLY_ZERO * zabs
-    if aff.bias is not None:
-        z_pos, z_neg = z_pos + _pos(aff.bias), z_neg + _neg(aff.bias)
-    s_pos = jnp.where(has_pos, alpha * R / stabilize(z_pos, eps), 0.0)
-    s_neg = jnp.where(has_neg, beta * R / stabilize(z_neg, eps), 0.0)
-    # alpha R+ - beta R-, with R+ = a+ W+^T s+ + a- W-^T s+ and R- = a+ W-^T s- + a- W+^T s-
-    return 0.5 * backward(s_pos - s_neg, s_pos + s_neg)
+    ap, an = jnp.maximum(a, 0), jnp.minimum(a, 0)
+    wp, wn = _pos(aff.kernel), _neg(aff.kernel)
+
+    def z_pos(xp, xn):  # positive contributions: w+ a+ and w- a-
+        return aff.apply(xp, wp, _pos(aff.bias)) + aff.apply(xn, wn, _zeros(aff.bias))
+
+    def z_neg(xp, xn):  # negative contributions: w- a+ and w+ a-
+        return aff.apply(xp, wn, _neg(aff.bias)) + aff.apply(xn, wp, _zeros(aff.bias))
+
+    relevance = alpha * _scaled(z_pos, (ap, an), R, eps)
+    if beta != 0:
+        relevance = relevance - beta * _scaled(z_neg, (ap, an), R, eps)
+    return relevance
 
 
 def alpha_beta(alpha: float = 2.0, beta: float = 1.0, eps: float = 1e-6) -> Rule:
@@ -345,7 +344,7 @@ def zbox(low: Any = 0.0, high: Any = 1.0, eps: float = 1e-6) -> Rule:
 
 
 def _hashable(x: Any) -> Any:
-    return tuple(float(v) for v in jnp.ravel(jnp.asarray(x))) if jnp.ndim(x) else float(x)
+    return tuple(float(v) for v in np.ravel(np.asarray(x))) if np.ndim(x) else float(x)
 
 
 def _flat(layer: nnx.Module, a: Array, R: Array, *, eps: float) -> Array:

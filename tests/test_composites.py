@@ -153,11 +153,6 @@ def test_presets_compare_equal_and_hash_equal():
     assert composites.epsilon() == composites.epsilon(batchnorm=rules.epsilon(1e-6))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the preset's name embeds the raw eps argument (f'epsilon(eps={eps})'), so "
-    "epsilon(1) != epsilon(1.0) although their rules are equal: a needless jit cache miss",
-)
 def test_presets_equal_for_equal_numbers():
     assert composites.epsilon(1) == composites.epsilon(1.0)
 
@@ -260,11 +255,6 @@ def test_first_layer_relevance_reaches_zero_inputs_directly(first):
     _check_zero_input_relevance(model, x, first)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relevance the first layer gives to zero inputs is dropped when that layer's "
-    "input is not the model input object itself (here: behind a Flatten layer)",
-)
 @pytest.mark.parametrize("first", [rules.flat(), rules.zbox(-3.0, 3.0)], ids=["flat", "zbox"])
 def test_first_layer_relevance_reaches_zero_inputs_behind_flatten(first):
     model = Net(nnx.Rngs(6))

@@ -482,6 +482,17 @@ def test_minivgg_batch_equals_one_by_one(vgg):
         np.testing.assert_allclose(batch[i : i + 1], single, rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_minivgg_train_mode_is_explained_in_eval_mode(vgg):
+    """A model left in training mode is explained (and its class predicted) in eval mode,
+    and is not switched to eval mode itself."""
+    x = robust_images()
+    training = nnx.clone(vgg)
+    training.train()
+    r_train = lrpjax.explain(training, x)
+    assert training.bn1.use_running_average is False and training.drop1.deterministic is False
+    np.testing.assert_allclose(r_train, lrpjax.explain(vgg, x), rtol=1e-6, atol=1e-8)
+
+
 def test_minivgg_layerwise(vgg):
     x = robust_images()
     relevance, layers = lrpjax.explain(vgg, x, layerwise=True)

@@ -71,7 +71,7 @@ def test_evaluate_writes_a_parseable_report(tiny, tmp_path):
     fn, state = baselines.make(tiny, "gradient")
     rel = evaluate.explain_all(fn, state, images, predicted)
     curves = metrics.region_perturbation(
-        tiny, images, rel, predicted, region=2, steps=5, progress=False
+        tiny, images, rel, predicted, region=2, steps=5, replacement="blur", progress=False
     )
     assert data["explainers"]["gradient"]["morf"]["aopc"] == pytest.approx(
         metrics.aopc(curves).mean(), rel=1e-6

@@ -492,11 +492,6 @@ def test_rules_compare_equal_by_parameters():
     assert repr(rules.epsilon(0.25)) == "epsilon(eps=0.25)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="alpha-beta computes z- as (Wa - |W||a|)/2 and drops a side below 1e-5 |W||a|: "
-    "a weak but well-resolved side (1.5e-4 here, eps 1e-6) loses its relevance",
-)
 @pytest.mark.parametrize("sign", [-1.0, 1.0], ids=["weak_negative_side", "weak_positive_side"])
 def test_alpha_beta_weak_side_of_a_neuron(sign):
     """64 contributions of one sign and one small one of the other sign (1.5e-4, 150 eps):
