@@ -31,6 +31,15 @@ def _windowed(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
     return x.reshape((*shape, c))
 
 
+def _unwindowed(xw: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of `_windowed`: back to (N, *spatial, C) of `shape`, zeros where cropped."""
+    n, c = xw.shape[0], xw.shape[-1]
+    spatial = tuple(xw.shape[1 + 2 * i] * xw.shape[2 + 2 * i] for i in range((xw.ndim - 2) // 2))
+    x = xw.reshape((n, *spatial, c))
+    pad = [(0, 0)] + [(0, s - k) for s, k in zip(shape[1:-1], spatial, strict=True)] + [(0, 0)]
+    return jnp.pad(x, pad)
+
+
 def _window_axes(window: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(2 + 2 * i for i in range(len(window)))
 
@@ -66,18 +75,7 @@ def _max_pool_bwd(window, residuals, g):
     winners = (xw == _upsample(y, window)).astype(g.dtype)
     # Ties share the gradient equally, so relevance routed through here is conserved.
     ties = jnp.sum(winners, axis=_window_axes(window), keepdims=True)
-    gw = winners * (_upsample(g, window) / ties)
-    gx = gw.reshape(
-        gw.shape[:1]
-        + tuple(s * w for s, w in zip(y.shape[1:-1], window, strict=True))
-        + gw.shape[-1:]
-    )
-    pad = (
-        [(0, 0)]
-        + [(0, s - gs) for s, gs in zip(x.shape[1:-1], gx.shape[1:-1], strict=True)]
-        + [(0, 0)]
-    )
-    return (jnp.pad(gx, pad),)
+    return (_unwindowed(winners * (_upsample(g, window) / ties), x.shape),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax.layers import MaxPool, _upsample, _window_axes, _windowed
+from lrpjax.layers import MaxPool, _unwindowed, _upsample, _window_axes, _windowed
 
 __all__ = [
     "Affine",
@@ -426,18 +426,7 @@ def _proportional(layer: nnx.Module, a: Array, R: Array, *, eps: float) -> Array
     axes = _window_axes(window)
     aw = _windowed(a, window)
     share = aw / stabilize(jnp.sum(aw, axis=axes, keepdims=True), eps)
-    rw = share * _upsample(R, window)
-    out = rw.reshape(
-        aw.shape[:1]
-        + tuple(s * w for s, w in zip(R.shape[1:-1], window, strict=True))
-        + aw.shape[-1:]
-    )
-    pad = (
-        [(0, 0)]
-        + [(0, s - o) for s, o in zip(a.shape[1:-1], out.shape[1:-1], strict=True)]
-        + [(0, 0)]
-    )
-    return jnp.pad(out, pad)
+    return _unwindowed(share * _upsample(R, window), a.shape)
 
 
 def proportional(eps: float = 1e-6) -> Rule:
