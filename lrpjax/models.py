@@ -214,6 +214,23 @@ def restore(model: MiniVGG, arrays: Mapping[str, np.ndarray], source: str = "wei
     nnx.update(model, nnx.from_flat_state(flat))
 
 
+def _unfilled(num_classes: int) -> MiniVGG:
+    """A MiniVGG with zeros for weights, built without running the initialisers.
+
+    Random initialisation runs eagerly and takes seconds on a CPU; loading overwrites every
+    parameter anyway. RNG keys (dropout) get a fixed key.
+    """
+    abstract = nnx.eval_shape(lambda: MiniVGG(num_classes=num_classes, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+
+    def fill(leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jnp.broadcast_to(jax.random.key(0), leaf.shape)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(fill, state))
+
+
 def load(path: str | os.PathLike) -> MiniVGG:
     """Load a miniVGG weight file (from `save` or ``python -m train``) in eval mode.
 
@@ -231,7 +248,7 @@ def load(path: str | os.PathLike) -> MiniVGG:
         raise ModelFileError(
             f"{path} holds a {meta.get('architecture', 'unknown')!r} model, not MiniVGG"
         )
-    model = MiniVGG(num_classes=int(meta.get("num_classes", NUM_CLASSES)), rngs=nnx.Rngs(0))
+    model = _unfilled(int(meta.get("num_classes", NUM_CLASSES)))
     restore(model, arrays, source=str(path))
     model.eval()
     return model
