@@ -12,6 +12,12 @@ at a max-pool the maximum gets all of it. A layer's probe receives
 exact :math:`R_{in}` of every layer leaves through the cotangent of a zero "probe" input,
 which is how `layerwise=True` reads the relevance at every layer without a second pass.
 
+One consequence: relevance can only rest on non-zero activations (:math:`R = a c`). Rules
+whose relevance does not scale with the input (`rules.flat`, `rules.wsquare`, `rules.zbox`,
+`rules.identity` on a layer fed by a ReLU) may give relevance to zero inputs; at the model
+input (also behind `Flatten` or `Dropout` layers) the engine adds it back exactly, deeper in
+the network it is dropped. Use those rules on the first layer, as the presets do.
+
 Output relevance (``init``) is put on the logits: ``"logit"`` (the target's logit),
 ``"probability"`` (its softmax probability, the reference's definition), ``"one"``, or
 ``"sglrp"`` (softmax-gradient LRP, Iwana et al. 2019: the gradient of the target's
