@@ -46,7 +46,15 @@ from lrpjax import composites as composites_lib
 from lrpjax import rules as rules_lib
 from lrpjax.layers import Flatten
 
-__all__ = ["INITS", "Explanation", "LayerError", "explain", "explainer", "output_relevance"]
+__all__ = [
+    "INITS",
+    "Explanation",
+    "LayerError",
+    "explain",
+    "explainer",
+    "layer_calls",
+    "output_relevance",
+]
 
 INITS = ("logit", "probability", "one", "sglrp")
 # |a| below this carries no relevance per unit (c = R / a would overflow).
@@ -175,8 +183,11 @@ class _Probe:
         return relevance_gate(a, tape.probes[path])
 
 
-def _instrument(model: nnx.Module, composite: composites_lib.Composite, tape: _Tape) -> nnx.Module:
-    """Replace every layer of `model` (a fresh copy inside the trace) by a `_Probe`."""
+def _instrument(model: nnx.Module, tape: _Tape) -> tuple[nnx.Module, dict[str, nnx.Module]]:
+    """Replace every layer of `model` (a fresh copy inside the trace) by a `_Probe`.
+
+    Returns the instrumented model and its layers keyed by path.
+    """
     layer_paths = []
     for path, module in nnx.iter_modules(model):
         if isinstance(module, nnx.RngStream | nnx.Rngs):
@@ -205,17 +216,42 @@ def _instrument(model: nnx.Module, composite: composites_lib.Composite, tape: _T
                 return self.layer(x)
 
         model, layer_paths = _Single(), [("layer",)]
+    layers = {}
     for path in layer_paths:
         parent = model
         for key in path[:-1]:
             parent = parent[key] if isinstance(key, int) else getattr(parent, key)
         layer = parent[path[-1]] if isinstance(path[-1], int) else getattr(parent, path[-1])
         probe = _Probe(layer, _path_str(path), tape)
+        layers[probe.path] = layer
         if isinstance(path[-1], int):
             parent[path[-1]] = probe
         else:
             setattr(parent, path[-1], probe)
-    return model
+    return model, layers
+
+
+def _recorded(model: nnx.Module, x) -> tuple[nnx.Module, dict[str, nnx.Module], _Tape]:
+    """Instrument an eval-mode copy of `model` and record its layer calls on input like x."""
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, state, copy=True)
+    model.eval()
+    tape = _Tape()
+    model, layers = _instrument(model, tape)
+
+    def record(x):
+        tape.input_like = [x]
+        return model(x)
+
+    jax.eval_shape(record, x)
+    tape.recording = False
+    return model, layers, tape
+
+
+def layer_calls(model: nnx.Module, x) -> list[tuple[str, nnx.Module]]:
+    """The layers of `model` as (path, layer) in the order a call on x (N, ...) runs them."""
+    _, layers, tape = _recorded(model, x)
+    return [(path, layers[path]) for path in tape.calls]
 
 
 def _resolve_rules(model_probes: dict[str, nnx.Module], composite, tape: _Tape) -> None:
@@ -261,22 +297,9 @@ def explainer(
 @lru_cache(maxsize=64)
 def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
     def fn(state, x, target):
-        model = nnx.merge(graphdef, state, copy=True)
-        model.eval()
-        tape = _Tape()
-        model = _instrument(model, composite, tape)
-        probes_by_path = {}
-        for _, obj in _walk_probes(model):
-            probes_by_path[obj.path] = obj.layer
-
-        def record(x):
-            tape.input_like = [x]
-            return model(x)
-
-        jax.eval_shape(record, x)
+        model, layers, tape = _recorded(nnx.merge(graphdef, state), x)
         fn.call_order = tuple(tape.calls)  # jit returns dicts key-sorted; explain reorders
-        tape.recording = False
-        _resolve_rules(probes_by_path, composite, tape)
+        _resolve_rules(layers, composite, tape)
         zeros = {p: jnp.zeros(s.shape, s.dtype) for p, s in tape.shapes.items()}
 
         def forward(x, probes):
@@ -362,27 +385,6 @@ def _check_glue(jaxpr) -> None:
             )
         for sub in jax_core.jaxprs_in_params(eqn.params):
             _check_glue(sub)
-
-
-def _walk_probes(obj, seen=None):
-    """Yield (path, probe) for all probes reachable from an instrumented model."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, _Probe):
-        yield obj.path, obj
-        return
-    if isinstance(obj, nnx.Module):
-        items = list(vars(obj).values())
-    elif isinstance(obj, list | tuple):
-        items = list(obj)
-    elif isinstance(obj, dict):
-        items = list(obj.values())
-    else:
-        return
-    for item in items:
-        yield from _walk_probes(item, seen)
 
 
 @lru_cache(maxsize=64)

@@ -312,19 +312,8 @@ def layer_order(model: nnx.Module, x: np.ndarray | jax.Array) -> list[str]:
     ]
     if leaves == [()]:
         return [""]
-    graphdef, state = nnx.split(model)
-    copy = nnx.merge(graphdef, state, copy=True)
-    copy.eval()
-    tape = engine._Tape()
-    copy = engine._instrument(copy, None, tape)
-    layers = {path: probe.layer for path, probe in engine._walk_probes(copy)}
-
-    def record(x):
-        tape.model_input = x
-        return copy(x)
-
-    jax.eval_shape(record, jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), jnp.asarray(x).dtype))
-    return [p for p in tape.calls if _has_params(layers[p])]
+    sample = jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), jnp.asarray(x).dtype)
+    return [path for path, layer in engine.layer_calls(model, sample) if _has_params(layer)]
 
 
 def _in_layer(path: tuple, layer: str) -> bool:

@@ -32,6 +32,7 @@ __all__ = [
     "read_arrays",
     "save",
     "write_arrays",
+    "write_json",
 ]
 
 #: CIFAR-10 class names in label order.
@@ -148,6 +149,14 @@ def write_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write JSON atomically: to a temporary file beside `path`, then renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def read_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:

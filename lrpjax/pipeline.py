@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lrpjax import engine, viz
+from lrpjax import engine, models, viz
 
 __all__ = ["ARRAYS", "explain_dataset", "make_step"]
 
@@ -56,12 +56,6 @@ def make_step(model: nnx.Module, composite, init, devices=None):
 
     step = jax.jit(step, in_shardings=(replicated, batch, batch), out_shardings=batch)
     return step, jax.device_put(state, replicated), len(devices)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def run_key(settings: dict) -> str:
@@ -165,7 +159,7 @@ def explain_dataset(
         for a in arrays.values():
             a.flush()
         done.add(start)
-        _atomic_json(manifest_path, {"key": key, "settings": settings, "done": sorted(done)})
+        models.write_json(manifest_path, {"key": key, "settings": settings, "done": sorted(done)})
         bar.update(k)
     bar.close()
     seconds = time.perf_counter() - t0
@@ -206,7 +200,7 @@ def explain_dataset(
         },
     }
     _figures(out, images, result, class_names, num_classes, figures)
-    _atomic_json(out / "summary.json", summary)
+    models.write_json(out / "summary.json", summary)
     return summary
 
 

@@ -15,7 +15,6 @@ gives the same numbers as one that was never stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,12 +196,6 @@ def _save_checkpoint(path: Path, model, rest, opt_state, epoch: int, history: li
     models.write_arrays(path, arrays, meta)
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 # Fields that may differ between a run and its resumption without changing the numbers.
 _RESUME_FREE = {"out", "data", "eval_batch_size"}
 
@@ -312,7 +305,7 @@ def train(
         history.append(record)
         nnx.update(model, params, rest)
         _save_checkpoint(ckpt, model, rest, opt_state, epoch, history, config)
-        _write_json(
+        models.write_json(
             out / "metrics.json",
             {"command": command, "config": dataclasses.asdict(config), "epochs": history},
         )
