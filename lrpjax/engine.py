@@ -160,6 +160,7 @@ class _Probe:
             return y
         rule = tape.rules[path]
         follows_gradient = isinstance(rule, rules_lib.Rule) and rule.fn is rules_lib._gradient
+        rule_per_unit = rules_lib.per_unit(rule)
 
         @jax.custom_vjp
         def relevance_gate(a, probe):
@@ -175,6 +176,9 @@ class _Probe:
             if follows_gradient:  # c passes by the chain rule, no division needed
                 _, vjp = jax.vjp(layer, a)
                 c_in = vjp(c_out)[0]
+                return c_in, a * c_in
+            if rule_per_unit is not None:  # same rule, no recomputed z, no division by a
+                c_in = rule_per_unit(layer, a, y, c_out)
                 return c_in, a * c_in
             R_in = rule(layer, a, y * c_out)
             return _safe_per_unit(R_in, a), R_in

@@ -10,6 +10,7 @@ LRP rule for max-pooling (Montavon et al. 2019, Sec. 10.2.2).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from functools import partial
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["Flatten", "MaxPool", "ReLU", "max_pool"]
+__all__ = ["Flatten", "MaxPool", "ReLU", "few_channel_conv", "max_pool"]
 
 
 def _windowed(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
@@ -79,6 +80,76 @@ def _max_pool_bwd(window, residuals, g):
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+#: Convolutions with at most this many input channels (an RGB input layer) use
+#: `few_channel_conv`.
+FEW_CHANNELS = 4
+
+
+def _conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
+    spatial = "DHW"[3 - (x.ndim - 2) :]
+    dims = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1,) * (x.ndim - 2), padding, dimension_numbers=dims
+    )
+
+
+def _patches(x: jax.Array, window: tuple[int, ...], padding: str) -> jax.Array:
+    """(N, *spatial, C) -> (N, *out_spatial, prod(window) * C), window-major, as slices."""
+    if padding == "SAME":
+        pads = [((w - 1) // 2, w - 1 - (w - 1) // 2) for w in window]
+        x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    out = [s - w + 1 for s, w in zip(x.shape[1:-1], window, strict=True)]
+    slices = [
+        x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out, strict=True)))]
+        for offset in itertools.product(*(range(w) for w in window))
+    ]
+    return jnp.concatenate(slices, axis=-1)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def few_channel_conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
+    """Unit-stride convolution of an input with few channels (e.g. RGB), fast on CPU.
+
+    The same values as `jax.lax.conv_general_dilated`. Why: XLA's CPU convolution is slow
+    for 3 input channels, forward and, above all, backward (the input gradient of
+    miniVGG's first layer took 29 ms at batch 256, as long as the 32-channel layer after
+    it). Forward: channels zero-padded to `FEW_CHANNELS` (1.6x faster there); backward:
+    the cotangent times the kernel matrix, summed back over shifted windows (6x faster).
+
+    Args:
+      x: (N, *spatial, C) channels-last input.
+      kernel: (*window, C, O).
+      padding: ``"SAME"`` or ``"VALID"``.
+
+    Returns:
+      (N, *out_spatial, O).
+    """
+    channels = x.shape[-1]
+    if channels < FEW_CHANNELS:
+        extra = FEW_CHANNELS - channels
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+        kernel = jnp.pad(kernel, [(0, 0)] * (kernel.ndim - 2) + [(0, extra), (0, 0)])
+    return _conv(x, kernel, padding)
+
+
+def _few_channel_conv_fwd(x, kernel, padding):
+    return few_channel_conv(x, kernel, padding), (x, kernel)
+
+
+def _few_channel_conv_bwd(padding, residuals, g):
+    x, kernel = residuals
+    window = kernel.shape[:-2]
+    patches, patches_vjp = jax.vjp(lambda x: _patches(x, window, padding), x)
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    g_matrix = g.reshape(-1, g.shape[-1])
+    g_x = patches_vjp((g_matrix @ matrix.T).reshape(patches.shape))[0]
+    g_kernel = (patches.reshape(-1, matrix.shape[0]).T @ g_matrix).reshape(kernel.shape)
+    return g_x, g_kernel
+
+
+few_channel_conv.defvjp(_few_channel_conv_fwd, _few_channel_conv_bwd)
 
 
 class MaxPool(nnx.Module):

@@ -27,6 +27,15 @@ a_j \rho(w_{jk}) + \rho(b_k))} R_k` is computed the same way (Montavon et al. 20
 and no explicit weight matrix: a convolution's rule costs one convolution and its
 transpose.
 
+Per-unit form. The engine passes :math:`c = R / a` between layers (see `lrpjax.engine`).
+For rules whose relevance is :math:`a \odot c` by construction (`epsilon`, `z`,
+`alpha_beta`, `gamma`), `per_unit` gives a second function
+``per_unit(layer, a, y, c_out) -> c_in`` that computes :math:`c_{in}` directly from the
+layer's output :math:`y` and :math:`c_{out} = R / y`: for `epsilon`,
+:math:`c_{in} = J^\top (c_{out} \odot y \oslash \mathrm{stabilize}(y))`, since
+:math:`z = y` for an affine layer. Same formula, without recomputing :math:`z` or dividing
+by :math:`a`; the tests check that both forms agree.
+
 References:
   Bach, Binder, Montavon, Klauschen, Müller, Samek (2015). On pixel-wise explanations for
   non-linear classifier decisions by layer-wise relevance propagation. PLoS ONE 10(7).
@@ -37,6 +46,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -44,7 +54,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax.layers import MaxPool, _unwindowed, _upsample, _window_axes, _windowed
+from lrpjax.layers import (
+    FEW_CHANNELS,
+    MaxPool,
+    _unwindowed,
+    _upsample,
+    _window_axes,
+    _windowed,
+    few_channel_conv,
+)
 
 __all__ = [
     "Affine",
@@ -56,6 +74,7 @@ __all__ = [
     "gamma",
     "gradient",
     "identity",
+    "per_unit",
     "proportional",
     "stabilize",
     "wsquare",
@@ -122,16 +141,43 @@ def _module_with(layer: nnx.Module, kernel: Array, bias: Array | None) -> nnx.Mo
     return nnx.merge(graph, values)
 
 
+def _few_channels(conv: nnx.Conv) -> bool:
+    """A plain unit-stride convolution of an input with few channels (an RGB input layer)."""
+
+    def ones(v: Any) -> bool:
+        return v is None or all(int(i) == 1 for i in np.atleast_1d(v))
+
+    return (
+        conv.in_features <= FEW_CHANNELS
+        and isinstance(conv.padding, str)
+        and conv.padding.upper() in ("SAME", "VALID")
+        and all(ones(v) for v in (conv.strides, conv.input_dilation, conv.kernel_dilation))
+        and conv.feature_group_count == 1
+        and conv.mask is None
+        and conv.dtype in (None, conv.param_dtype)
+    )
+
+
 def as_affine(layer: nnx.Module) -> Affine:
     """View `nnx.Linear`, `nnx.Conv` (1D/2D/3D, any padding) or `nnx.BatchNorm` as `Affine`.
 
     Linear and convolution layers run their own forward with substituted weights, so every
-    option of the layer (strides, padding, dilation, groups) is honoured. Batch-norm is
+    option of the layer (strides, padding, dilation, groups) is honoured; plain
+    convolutions of few input channels (an RGB input) run as `few_channel_conv`, the same
+    values computed faster on CPU. Batch-norm is
     taken in inference mode: a per-channel scale and shift of its running statistics.
 
     Raises:
       TypeError: for any other layer.
     """
+    if isinstance(layer, nnx.Conv) and _few_channels(layer):
+        padding = layer.padding.upper()
+
+        def apply(a: Array, kernel: Array, b: Array | None) -> Array:
+            y = few_channel_conv(a, kernel, padding)
+            return y if b is None else y + b
+
+        return Affine(apply, layer.kernel[...], layer.bias[...] if layer.bias is not None else None)
     if isinstance(layer, nnx.Linear | nnx.Conv):
         bias = layer.bias[...] if layer.bias is not None else None
 
@@ -183,6 +229,12 @@ def _epsilon(layer: nnx.Module, a: Array, R: Array, *, eps: float) -> Array:
     return _scaled(lambda x: aff.apply(x, aff.kernel, aff.bias), (a,), R, eps)
 
 
+def _epsilon_per_unit(layer: nnx.Module, a: Array, y: Array, c: Array, *, eps: float) -> Array:
+    aff = as_affine(layer)
+    _, vjp = jax.vjp(lambda x: aff.apply(x, aff.kernel, aff.bias), a)
+    return vjp(c * y / stabilize(y, eps))[0]
+
+
 def epsilon(eps: float = 1e-6) -> Rule:
     r"""LRP-epsilon (Bach et al. 2015; Montavon et al. 2019, Eq. 10.2).
 
@@ -213,6 +265,12 @@ def _z(layer: nnx.Module, a: Array, R: Array) -> Array:
     return a * vjp(_safe_divide(R, zk))[0]
 
 
+def _z_per_unit(layer: nnx.Module, a: Array, y: Array, c: Array) -> Array:
+    aff = as_affine(layer)
+    _, vjp = jax.vjp(lambda x: aff.apply(x, aff.kernel, aff.bias), a)
+    return vjp(jnp.where(y != 0, c, 0.0))[0]  # R / z = y c / y; nothing where z = 0
+
+
 def _signed_parts(aff: Affine, a: Array):
     r"""vjp-able halves of a linear layer: ``W a`` and ``|W| |a|`` (no bias), for `gamma`.
 
@@ -224,18 +282,21 @@ def _signed_parts(aff: Affine, a: Array):
     transposed ones instead of four and four. Exact where the denominators are of the
     order of :math:`|W||a|`, as gamma's are (they contain all of z); alpha-beta's one-sided
     denominators can be much smaller, so `alpha_beta` sums each side directly.
+
+    Returns:
+      ``(Wa, |W||a|, cotangents)`` with ``cotangents(u, v) = (W^T u, |W|^T v)``.
     """
     za, vjp_w = jax.vjp(lambda x: aff.apply(x, aff.kernel, None), a)
-    abs_a = jnp.abs(a)
-    zabs, vjp_abs = jax.vjp(lambda x: aff.apply(x, jnp.abs(aff.kernel), None), abs_a)
+    zabs, vjp_abs = jax.vjp(lambda x: aff.apply(x, jnp.abs(aff.kernel), None), jnp.abs(a))
 
-    def backward(u: Array, v: Array) -> Array:
-        return a * vjp_w(u)[0] + abs_a * vjp_abs(v)[0]
+    def cotangents(u: Array, v: Array) -> tuple[Array, Array]:
+        return vjp_w(u)[0], vjp_abs(v)[0]
 
-    return za, zabs, backward
+    return za, zabs, cotangents
 
 
-def _alpha_beta(layer: nnx.Module, a: Array, R: Array, *, alpha: float, beta: float, eps: float):
+def _alpha_beta_per_sign(layer, a, R, *, alpha, beta, eps) -> tuple[Array, Array]:
+    """Relevance per unit of input for a's positive entries and for its negative ones."""
     aff = as_affine(layer)
     ap, an = jnp.maximum(a, 0), jnp.minimum(a, 0)
     wp, wn = _pos(aff.kernel), _neg(aff.kernel)
@@ -246,10 +307,25 @@ def _alpha_beta(layer: nnx.Module, a: Array, R: Array, *, alpha: float, beta: fl
     def z_neg(xp, xn):  # negative contributions: w- a+ and w+ a-
         return aff.apply(xp, wn, _neg(aff.bias)) + aff.apply(xn, wp, _zeros(aff.bias))
 
-    relevance = alpha * _scaled(z_pos, (ap, an), R, eps)
+    def per_unit(f):
+        z, vjp = jax.vjp(f, ap, an)
+        return vjp(R / stabilize(z, eps))
+
+    c_pos, c_neg = (alpha * c for c in per_unit(z_pos))
     if beta != 0:
-        relevance = relevance - beta * _scaled(z_neg, (ap, an), R, eps)
-    return relevance
+        d_pos, d_neg = per_unit(z_neg)
+        c_pos, c_neg = c_pos - beta * d_pos, c_neg - beta * d_neg
+    return c_pos, c_neg
+
+
+def _alpha_beta(layer: nnx.Module, a: Array, R: Array, *, alpha: float, beta: float, eps: float):
+    c_pos, c_neg = _alpha_beta_per_sign(layer, a, R, alpha=alpha, beta=beta, eps=eps)
+    return jnp.maximum(a, 0) * c_pos + jnp.minimum(a, 0) * c_neg
+
+
+def _alpha_beta_per_unit(layer, a, y, c, *, alpha: float, beta: float, eps: float) -> Array:
+    c_pos, c_neg = _alpha_beta_per_sign(layer, a, y * c, alpha=alpha, beta=beta, eps=eps)
+    return jnp.where(a >= 0, c_pos, c_neg)
 
 
 def alpha_beta(alpha: float = 2.0, beta: float = 1.0, eps: float = 1e-6) -> Rule:
@@ -281,9 +357,13 @@ def zplus(eps: float = 1e-6) -> Rule:
     return alpha_beta(1.0, 0.0, eps)
 
 
-def _gamma(layer: nnx.Module, a: Array, R: Array, *, gamma: float, eps: float) -> Array:
-    aff = as_affine(layer)
-    za, zabs, backward = _signed_parts(aff, a)
+def _gamma_per_sign(aff: Affine, a: Array, R: Array, *, gamma: float, eps: float, za=None):
+    """``(W^T u, |W|^T v)``: relevance per unit of a is ``W^T u + sign(a) |W|^T v``.
+
+    `za` (``W a``, without bias) may be given when known, e.g. from the layer's output.
+    """
+    za_computed, zabs, cotangents = _signed_parts(aff, a)
+    za = za_computed if za is None else za
     b = aff.bias
     z = za if b is None else za + b
     positive = z > 0
@@ -294,7 +374,19 @@ def _gamma(layer: nnx.Module, a: Array, R: Array, *, gamma: float, eps: float) -
         z_up, z_down = z_up + b + gamma * _pos(b), z_down + b + gamma * _neg(b)
     s = R / stabilize(jnp.where(positive, z_up, z_down), eps)
     signed = jnp.where(positive, s, -s)
-    return backward((1 + 0.5 * gamma) * s, 0.5 * gamma * signed)
+    return cotangents((1 + 0.5 * gamma) * s, 0.5 * gamma * signed)
+
+
+def _gamma(layer: nnx.Module, a: Array, R: Array, *, gamma: float, eps: float) -> Array:
+    c_w, c_abs = _gamma_per_sign(as_affine(layer), a, R, gamma=gamma, eps=eps)
+    return a * c_w + jnp.abs(a) * c_abs
+
+
+def _gamma_per_unit(layer, a, y, c, *, gamma: float, eps: float) -> Array:
+    aff = as_affine(layer)
+    za = y if aff.bias is None else y - aff.bias  # the forward already computed W a
+    c_w, c_abs = _gamma_per_sign(aff, a, y * c, gamma=gamma, eps=eps, za=za)
+    return c_w + jnp.where(a >= 0, c_abs, -c_abs)
 
 
 def gamma(gamma: float = 0.25, eps: float = 1e-6) -> Rule:
@@ -382,6 +474,27 @@ def wsquare(eps: float = 1e-6) -> Rule:
       eps: stabiliser.
     """
     return Rule(_wsquare, (("eps", float(eps)),))
+
+
+_PER_UNIT: dict[Callable[..., Array], Callable[..., Array]] = {
+    _epsilon: _epsilon_per_unit,
+    _z: _z_per_unit,
+    _alpha_beta: _alpha_beta_per_unit,
+    _gamma: _gamma_per_unit,
+}
+
+
+def per_unit(rule: Callable) -> Callable[[nnx.Module, Array, Array, Array], Array] | None:
+    r"""The per-unit form of a preset rule, or None if it has none.
+
+    Returns:
+      ``f(layer, a, y, c_out) -> c_in`` with ``a`` the layer's input (N, ...), ``y`` its
+      output, ``c_out = R_out / y`` (shape of y) and ``c_in = R_in / a`` (shape of a),
+      where ``R_in = rule(layer, a, R_out)``; ``c_in`` is arbitrary where ``a == 0``.
+    """
+    if not isinstance(rule, Rule) or rule.fn not in _PER_UNIT:
+        return None
+    return partial(_PER_UNIT[rule.fn], **dict(rule.params))
 
 
 # ---------------------------------------------------------------------------------------
