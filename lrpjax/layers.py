@@ -126,6 +126,8 @@ def few_channel_conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array
     Returns:
       (N, *out_spatial, O).
     """
+    dtype = jnp.result_type(x, kernel)  # as nnx.Conv promotes, e.g. bfloat16 images
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
     channels = x.shape[-1]
     if channels < FEW_CHANNELS:
         extra = FEW_CHANNELS - channels
@@ -144,9 +146,9 @@ def _few_channel_conv_bwd(padding, residuals, g):
     patches, patches_vjp = jax.vjp(lambda x: _patches(x, window, padding), x)
     matrix = kernel.reshape(-1, kernel.shape[-1])
     g_matrix = g.reshape(-1, g.shape[-1])
-    g_x = patches_vjp((g_matrix @ matrix.T).reshape(patches.shape))[0]
+    g_x = patches_vjp((g_matrix @ matrix.T).reshape(patches.shape).astype(x.dtype))[0]
     g_kernel = (patches.reshape(-1, matrix.shape[0]).T @ g_matrix).reshape(kernel.shape)
-    return g_x, g_kernel
+    return g_x, g_kernel.astype(kernel.dtype)
 
 
 few_channel_conv.defvjp(_few_channel_conv_fwd, _few_channel_conv_bwd)

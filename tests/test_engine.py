@@ -511,6 +511,15 @@ def test_minivgg_layerwise(vgg):
         )
 
 
+def test_minivgg_bfloat16_images(vgg):
+    """bfloat16 images, float32 weights (the layers promote): the float32 maps, rounded."""
+    x = images(2, seed=4)
+    r16 = lrpjax.explain(vgg, jnp.asarray(x, jnp.bfloat16))
+    r32 = np.asarray(lrpjax.explain(vgg, x))
+    assert r16.dtype == jnp.bfloat16
+    assert np.linalg.norm(np.asarray(r16, np.float32) - r32) <= 2e-2 * np.linalg.norm(r32)
+
+
 def test_minivgg_layerwise_keys_in_call_order(vgg):
     _, layers = lrpjax.explain(vgg, robust_images(), layerwise=True)
     assert list(layers) == list(MiniVGG.LAYERS)

@@ -52,6 +52,18 @@ def test_few_channel_conv_under_jit_and_vmap():
     np.testing.assert_allclose(f(x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_few_channel_conv_promotes_dtypes_like_nnx_conv():
+    """bfloat16 images with float32 weights: float32 result, gradients in input dtypes."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.random((2, 6, 6, 3)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    y, vjp = jax.vjp(lambda x, k: few_channel_conv(x, k, "SAME"), x, kernel)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, _reference_conv(x.astype(jnp.float32), kernel, "SAME"), atol=1e-5)
+    g_x, g_kernel = vjp(jnp.ones_like(y))
+    assert g_x.dtype == jnp.bfloat16 and g_kernel.dtype == jnp.float32
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fast"),
     [
