@@ -6,6 +6,10 @@ XLA's generic select-and-scatter backward of `reduce_window` is about 28x the fo
 CPU at batch 256, which made it the most expensive op of both training and LRP. The
 gradient routes everything to the window's maximum, which is also the winner-take-all
 LRP rule for max-pooling (Montavon et al. 2019, Sec. 10.2.2).
+
+`few_channel_conv` is a convolution with the same values as XLA's, for inputs with few
+channels (an RGB input layer), where XLA's CPU convolution is slow; the LRP engine and rules
+use it for such layers.
 """
 
 from __future__ import annotations
