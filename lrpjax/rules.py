@@ -164,8 +164,8 @@ def as_affine(layer: nnx.Module) -> Affine:
     Linear and convolution layers run their own forward with substituted weights, so every
     option of the layer (strides, padding, dilation, groups) is honoured; plain
     convolutions of few input channels (an RGB input) run as `few_channel_conv`, the same
-    values computed faster on CPU. Batch-norm is
-    taken in inference mode: a per-channel scale and shift of its running statistics.
+    values computed faster on CPU. Batch-norm is taken in inference mode: a per-channel
+    scale and shift of its running statistics.
 
     Raises:
       TypeError: for any other layer.
@@ -229,10 +229,15 @@ def _epsilon(layer: nnx.Module, a: Array, R: Array, *, eps: float) -> Array:
     return _scaled(lambda x: aff.apply(x, aff.kernel, aff.bias), (a,), R, eps)
 
 
-def _epsilon_per_unit(layer: nnx.Module, a: Array, y: Array, c: Array, *, eps: float) -> Array:
+def _transposed(layer: nnx.Module, a: Array, s: Array) -> Array:
+    """J^T s for the linear layer's Jacobian J (a only gives shapes)."""
     aff = as_affine(layer)
     _, vjp = jax.vjp(lambda x: aff.apply(x, aff.kernel, aff.bias), a)
-    return vjp(c * y / stabilize(y, eps))[0]
+    return vjp(s)[0]
+
+
+def _epsilon_per_unit(layer: nnx.Module, a: Array, y: Array, c: Array, *, eps: float) -> Array:
+    return _transposed(layer, a, c * y / stabilize(y, eps))
 
 
 def epsilon(eps: float = 1e-6) -> Rule:
@@ -266,9 +271,7 @@ def _z(layer: nnx.Module, a: Array, R: Array) -> Array:
 
 
 def _z_per_unit(layer: nnx.Module, a: Array, y: Array, c: Array) -> Array:
-    aff = as_affine(layer)
-    _, vjp = jax.vjp(lambda x: aff.apply(x, aff.kernel, aff.bias), a)
-    return vjp(jnp.where(y != 0, c, 0.0))[0]  # R / z = y c / y; nothing where z = 0
+    return _transposed(layer, a, jnp.where(y != 0, c, 0.0))  # R / z = y c / y, 0 at z = 0
 
 
 def _signed_parts(aff: Affine, a: Array):
