@@ -270,6 +270,20 @@ def test_subset_is_fixed_and_aligned(tiny_data):
     assert trainer._subset(x, y, None)[0] is x
 
 
+def test_init_starts_from_a_weight_file(straight, tiny_data, tmp_path):
+    """--init: the run starts from the given weights (learning rate 0 keeps every Param)."""
+    out, trained, _ = straight
+    config = config_for(tmp_path, epochs=1, learning_rate=0.0, init=str(out / "model.npz"))
+    tuned, _ = train.train(config, tiny_data, progress=False)
+    params_of = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))  # noqa: E731
+    for got, want in zip(params_of(tuned), params_of(trained), strict=True):
+        np.testing.assert_array_equal(got, want)
+    fresh = models.MiniVGG(rngs=nnx.Rngs(config.seed))
+    assert not np.array_equal(params_of(fresh)[0], params_of(trained)[0])
+    with pytest.raises(models.ModelFileError):
+        train.train(config_for(tmp_path, init=str(tmp_path / "missing.npz")), tiny_data)
+
+
 def test_defaults_are_the_reference_recipe():
     c = train.Config()
     assert (c.epochs, c.batch_size, c.learning_rate) == (40, 64, 1e-3)
@@ -280,7 +294,7 @@ def test_defaults_are_the_reference_recipe():
         [
             *("--data", "d", "--epochs", "3", "--batch-size", "8", "--lr", "2e-3"),
             *("--schedule", "onecycle", "--augment", "--seed", "5", "--out", "o", "--resume"),
-            *("--limit-train", "10", "--limit-test", "5", "--no-progress"),
+            *("--limit-train", "10", "--limit-test", "5", "--no-progress", "--init", "w.npz"),
         ]
     )
     assert config == train.Config(
@@ -294,6 +308,7 @@ def test_defaults_are_the_reference_recipe():
         out="o",
         limit_train=10,
         limit_test=5,
+        init="w.npz",
     )
     assert resume and no_progress
 

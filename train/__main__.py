@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.npz")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N images")
     p.add_argument("--limit-test", type=int, default=None)
+    p.add_argument("--init", help="start from these weights (a .npz from lrpjax.models.save)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     config = Config(
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
         out=a.out,
         limit_train=a.limit_train,
         limit_test=a.limit_test,
+        init=a.init,
     )
     return config, a.resume, a.no_progress
 

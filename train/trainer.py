@@ -48,6 +48,7 @@ class Config:
     eval_batch_size: int = 500
     limit_train: int | None = None  # use the first N training images (quick runs, tests)
     limit_test: int | None = None
+    init: str | None = None  # start from this weight file (fine-tuning) instead of at random
 
 
 def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -236,6 +237,8 @@ def train(
         )
 
     model = models.MiniVGG(rngs=nnx.Rngs(config.seed))
+    if config.init:
+        models.restore(model, models.read_arrays(config.init)[0], source=config.init)
     tx = make_optimizer(config, steps_per_epoch)
     steps = _Steps(model, tx, config)
     _, params, rest = nnx.split(model, nnx.Param, ...)
