@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import engine, models
+from lrpjax import baselines, models
 
 __all__ = ["DEFAULT_METHODS", "add_parser", "benchmark", "method_fn"]
 
@@ -31,6 +31,9 @@ DEFAULT_METHODS = (
     "lrp:epsilon_plus_flat",
     "lrp:epsilon_gamma_box",
     "lrp:epsilon_alpha2_beta1",
+    "random",
+    "smoothgrad:samples=8",
+    "integrated_gradients:steps=8",
 )
 
 
@@ -38,7 +41,9 @@ def method_fn(model: nnx.Module, method: str) -> tuple[Callable, nnx.State]:
     """A pure function ``f(state, x)`` for a method name, and the state to call it with.
 
     Methods: ``forward``; ``gradient`` (gradient x input of the predicted logit, by
-    `jax.vjp`); ``lrp:<composite>``; ``train_step`` is handled by `train_throughput`.
+    `jax.vjp`: the reference of the ratios); any explainer spec of `lrpjax.baselines.make`
+    (``lrp:<composite>[:params]``, ``smoothgrad:samples=8``, ...), explaining the
+    predicted class. The training step is timed by `train_throughput`.
     """
     graphdef, state = nnx.split(model)
     if method == "forward":
@@ -51,10 +56,8 @@ def method_fn(model: nnx.Module, method: str) -> tuple[Callable, nnx.State]:
             return x * vjp(seed)[0]
 
         return gradient_x_input, state
-    if method.startswith("lrp:"):
-        fn, state = engine.explainer(model, composite=method[4:])
-        return (lambda s, x: fn(s, x, jnp.full(x.shape[:1], -1, jnp.int32)).relevance), state
-    raise ValueError(f"unknown method {method!r}; e.g. {', '.join(DEFAULT_METHODS)}")
+    fn, state = baselines.make(model, method)  # ValueError naming the known ones
+    return (lambda s, x: fn(s, x, jnp.full(x.shape[:1], -1, jnp.int32))), state
 
 
 def _time(f: Callable, *args, repeats: int) -> tuple[float, float]:

@@ -6,7 +6,7 @@ import json
 
 from lrpjax import cli
 
-METHODS = ("forward", "gradient", "lrp:epsilon")
+METHODS = ("forward", "gradient", "lrp:epsilon", "lrp:epsilon:eps=0.25", "smoothgrad:samples=2")
 
 
 def test_bench_smoke(tmp_path, capsys):
@@ -59,7 +59,7 @@ def test_bench_unknown_method(tmp_path, capsys):
     )  # fmt: skip
     captured = capsys.readouterr()
     assert code == 2
-    assert captured.err.startswith("error: unknown method 'nope'"), captured.err
+    assert captured.err.startswith("error: unknown explainer 'nope'"), captured.err
     assert "Traceback" not in captured.err
     assert not path.exists()  # refused before any timing
 
@@ -71,4 +71,4 @@ def test_bench_unknown_composite(tmp_path, capsys):
     )  # fmt: skip
     captured = capsys.readouterr()
     assert code == 2
-    assert captured.err.startswith("error: unknown composite 'nope'"), captured.err
+    assert captured.err.startswith("error: unknown explainer 'lrp:nope'"), captured.err
