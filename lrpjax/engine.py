@@ -138,8 +138,9 @@ class _Tape:
 
 
 def _fast_forward(layer: nnx.Module) -> Callable[[jax.Array], jax.Array]:
-    """The layer's forward; for an RGB-like input convolution, as `few_channel_conv`."""
-    if isinstance(layer, nnx.Conv) and rules_lib._few_channels(layer):
+    """The layer's forward; linear layers through their `rules.as_affine` view, which runs
+    RGB-like input convolutions as `few_channel_conv` and the rest as the layer itself."""
+    if isinstance(layer, nnx.Linear | nnx.Conv):
         affine = rules_lib.as_affine(layer)
         return lambda a: affine.apply(a, affine.kernel, affine.bias)
     return layer
@@ -169,7 +170,6 @@ class _Probe:
         rule = tape.rules[path]
         follows_gradient = isinstance(rule, rules_lib.Rule) and rule.fn is rules_lib._gradient
         rule_per_unit = rules_lib.per_unit(rule)
-
         forward = _fast_forward(layer)
 
         @jax.custom_vjp

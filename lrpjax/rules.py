@@ -298,7 +298,9 @@ def _signed_parts(aff: Affine, a: Array):
     return za, zabs, cotangents
 
 
-def _alpha_beta_per_sign(layer, a, R, *, alpha, beta, eps) -> tuple[Array, Array]:
+def _alpha_beta_per_sign(
+    layer: nnx.Module, a: Array, R: Array, *, alpha: float, beta: float, eps: float
+) -> tuple[Array, Array]:
     """Relevance per unit of input for a's positive entries and for its negative ones."""
     aff = as_affine(layer)
     ap, an = jnp.maximum(a, 0), jnp.minimum(a, 0)
@@ -326,7 +328,9 @@ def _alpha_beta(layer: nnx.Module, a: Array, R: Array, *, alpha: float, beta: fl
     return jnp.maximum(a, 0) * c_pos + jnp.minimum(a, 0) * c_neg
 
 
-def _alpha_beta_per_unit(layer, a, y, c, *, alpha: float, beta: float, eps: float) -> Array:
+def _alpha_beta_per_unit(
+    layer: nnx.Module, a: Array, y: Array, c: Array, *, alpha: float, beta: float, eps: float
+) -> Array:
     c_pos, c_neg = _alpha_beta_per_sign(layer, a, y * c, alpha=alpha, beta=beta, eps=eps)
     return jnp.where(a >= 0, c_pos, c_neg)
 
@@ -360,7 +364,9 @@ def zplus(eps: float = 1e-6) -> Rule:
     return alpha_beta(1.0, 0.0, eps)
 
 
-def _gamma_per_sign(aff: Affine, a: Array, R: Array, *, gamma: float, eps: float, za=None):
+def _gamma_per_sign(
+    aff: Affine, a: Array, R: Array, *, gamma: float, eps: float, za: Array | None = None
+) -> tuple[Array, Array]:
     """``(W^T u, |W|^T v)``: relevance per unit of a is ``W^T u + sign(a) |W|^T v``.
 
     `za` (``W a``, without bias) may be given when known, e.g. from the layer's output.
@@ -385,7 +391,9 @@ def _gamma(layer: nnx.Module, a: Array, R: Array, *, gamma: float, eps: float) -
     return a * c_w + jnp.abs(a) * c_abs
 
 
-def _gamma_per_unit(layer, a, y, c, *, gamma: float, eps: float) -> Array:
+def _gamma_per_unit(
+    layer: nnx.Module, a: Array, y: Array, c: Array, *, gamma: float, eps: float
+) -> Array:
     aff = as_affine(layer)
     za = y if aff.bias is None else y - aff.bias  # the forward already computed W a
     c_w, c_abs = _gamma_per_sign(aff, a, y * c, gamma=gamma, eps=eps, za=za)

@@ -36,10 +36,11 @@ def main() -> None:
     metrics["earlier_runs"] = [
         json.loads((Path(r) / "metrics.json").read_text()) for r in args.earlier_runs
     ]
-    shutil.copyfile(weights, ASSETS / "minivgg_cifar10.npz.tmp")
-    (ASSETS / "minivgg_cifar10.npz.tmp").replace(ASSETS / "minivgg_cifar10.npz")
+    _, meta = models.read_arrays(weights)
+    tmp = ASSETS / ".minivgg_cifar10.npz.tmp"  # renamed into place: never half-written
+    shutil.copyfile(weights, tmp)
+    tmp.replace(ASSETS / "minivgg_cifar10.npz")
     models.write_json(ASSETS / "minivgg_cifar10_metrics.json", metrics)
-    _, meta = models.read_arrays(ASSETS / "minivgg_cifar10.npz")
     print(f"shipped {weights}: test accuracy {meta['test_accuracy']}, command {meta['command']}")
 
 
