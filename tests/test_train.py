@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -365,3 +366,15 @@ def test_cli_without_data_fails_with_both_ways(tmp_path):
     assert "cifar10" in message and "--data" in message and "split/class/image" in message
     assert "Traceback" not in message
     assert not (out / "model.npz").exists()
+
+
+def test_weight_decay_shrinks_kernels_only():
+    config = train.Config(weight_decay=0.1, learning_rate=0.5, epochs=1)
+    tx = train.make_optimizer(config, steps_per_epoch=1)
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["dense"]["kernel"], 1 - 0.5 * 0.1)  # p - lr * wd * p
+    np.testing.assert_allclose(new["dense"]["bias"], 1.0)
+    assert parse_args(["--weight-decay", "0.05"])[0].weight_decay == 0.05

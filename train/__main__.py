@@ -29,6 +29,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak learning rate")
     p.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=defaults.weight_decay,
+        help="decoupled weight decay of the kernels (AdamW); 0: Adam",
+    )
     p.add_argument("--augment", action="store_true", help="random crop (pad 4) and horizontal flip")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--out", default=defaults.out, help="output directory")
@@ -44,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
         batch_size=a.batch_size,
         learning_rate=a.lr,
         schedule=a.schedule,
+        weight_decay=a.weight_decay,
         augment=a.augment,
         seed=a.seed,
         out=a.out,

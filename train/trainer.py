@@ -42,6 +42,7 @@ class Config:
     batch_size: int = 64
     learning_rate: float = 1e-3
     schedule: str = "constant"
+    weight_decay: float = 0.0  # decoupled (AdamW); 0 is plain Adam, the reference
     augment: bool = False
     seed: int = 0
     out: str = "runs/minivgg"
@@ -52,7 +53,11 @@ class Config:
 
 
 def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam with the configured learning-rate schedule."""
+    """Adam with the configured learning-rate schedule; AdamW if ``config.weight_decay``.
+
+    References:
+      Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019.
+    """
     total = config.epochs * steps_per_epoch
     lr = config.learning_rate
     if config.schedule == "constant":
@@ -63,6 +68,15 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransf
         schedule = optax.cosine_onecycle_schedule(total, lr)
     else:
         raise ValueError(f"unknown schedule {config.schedule!r}; choose from {SCHEDULES}")
+    if config.weight_decay:
+        # Decay the kernels only: biases and BatchNorm scales are left free, as usual.
+        return optax.adamw(
+            schedule,
+            weight_decay=config.weight_decay,
+            mask=lambda params: jax.tree.map_with_path(
+                lambda path, _: any(getattr(k, "key", None) == "kernel" for k in path), params
+            ),
+        )
     return optax.adam(schedule)
 
 
@@ -249,7 +263,9 @@ def train(
     ckpt = checkpoint_path(out)
     if resume and ckpt.exists():
         arrays, meta = models.read_arrays(ckpt)
-        saved = {k: v for k, v in meta["config"].items() if k not in _RESUME_FREE}
+        # Fields added after the checkpoint was written count at their defaults.
+        saved = dataclasses.asdict(Config()) | meta["config"]
+        saved = {k: v for k, v in saved.items() if k not in _RESUME_FREE}
         mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUME_FREE}
         if saved != mine:
             diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
