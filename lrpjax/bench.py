@@ -60,6 +60,14 @@ def method_fn(model: nnx.Module, method: str) -> tuple[Callable, nnx.State]:
     return (lambda s, x: fn(s, x, jnp.full(x.shape[:1], -1, jnp.int32))), state
 
 
+def _cast_floats(tree, dtype: str):
+    """Weights and statistics in the benchmark's dtype: an input cast alone would be promoted
+    back to the float32 of the weights."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
 def _time(f: Callable, *args, repeats: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     jax.block_until_ready(f(*args))
@@ -119,6 +127,7 @@ def benchmark(
         times = {}
         for method in methods:
             fn, state = method_fn(model, method)
+            state = _cast_floats(state, dtype)
             compile_s, run_s = _time(jax.jit(fn), state, x, repeats=repeats)
             times[method] = run_s
             rows.append(

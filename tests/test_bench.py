@@ -72,3 +72,22 @@ def test_bench_unknown_composite(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.startswith("error: unknown explainer 'lrp:nope'"), captured.err
+
+
+def test_bench_dtype_runs_the_whole_model_in_it():
+    # Casting the input alone would be promoted back to the float32 weights.
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lrpjax import bench, models
+
+    model = models.MiniVGG(rngs=nnx.Rngs(0))
+    model.eval()
+    x = jnp.zeros((2, *models.INPUT_SHAPE), jnp.bfloat16)
+    fn, state = bench.method_fn(model, "forward")
+    assert jax.jit(fn)(state, x).dtype == jnp.float32
+    assert jax.jit(fn)(bench._cast_floats(state, "bfloat16"), x).dtype == jnp.bfloat16
+    fn, state = bench.method_fn(model, "lrp:epsilon")
+    relevance = jax.jit(fn)(bench._cast_floats(state, "bfloat16"), x + 0.5)
+    assert relevance.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(relevance)))
