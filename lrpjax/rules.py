@@ -305,6 +305,8 @@ def _alpha_beta_per_sign(
     aff = as_affine(layer)
     ap, an = jnp.maximum(a, 0), jnp.minimum(a, 0)
     wp, wn = _pos(aff.kernel), _neg(aff.kernel)
+    if _stackable(layer):
+        return _alpha_beta_stacked(aff, ap, an, wp, wn, R, alpha=alpha, beta=beta, eps=eps)
 
     def z_pos(xp, xn):  # positive contributions: w+ a+ and w- a-
         return aff.apply(xp, wp, _pos(aff.bias)) + aff.apply(xn, wn, _zeros(aff.bias))
@@ -320,6 +322,52 @@ def _alpha_beta_per_sign(
     if beta != 0:
         d_pos, d_neg = per_unit(z_neg)
         c_pos, c_neg = c_pos - beta * d_pos, c_neg - beta * d_neg
+    return c_pos, c_neg
+
+
+def _stackable(layer: nnx.Module) -> bool:
+    """Input channels are independent (no groups): a^+ and a^- can be stacked along them."""
+    return isinstance(layer, nnx.Linear) or (
+        isinstance(layer, nnx.Conv) and layer.feature_group_count == 1
+    )
+
+
+def _alpha_beta_stacked(
+    aff: Affine,
+    ap: Array,
+    an: Array,
+    wp: Array,
+    wn: Array,
+    R: Array,
+    *,
+    alpha: float,
+    beta: float,
+    eps: float,
+) -> tuple[Array, Array]:
+    """`_alpha_beta_per_sign` as one product: [a+, a-] (stacked along the input channels)
+    times [[w+, w-], [w-, w+]], whose output channels are [z+, z-].
+
+    The same sums as the four separate products, exactly (each side is still a sum of
+    same-signed terms), in one layer call and one transposed call: fewer passes over memory.
+    For beta = 0 only the z+ half is computed.
+    """
+    x = jnp.concatenate([ap, an], axis=-1)
+    k_pos = jnp.concatenate([wp, wn], axis=-2)  # kernels are (..., in, out)
+    b_pos = _pos(aff.bias)
+    if beta == 0:
+        z, vjp = jax.vjp(lambda x: aff.apply(x, k_pos, b_pos), x)
+        (c,) = vjp(alpha * R / stabilize(z, eps))
+    else:
+        kernel = jnp.concatenate([k_pos, jnp.concatenate([wn, wp], axis=-2)], axis=-1)
+        bias = None if aff.bias is None else jnp.concatenate([b_pos, _neg(aff.bias)])
+        z, vjp = jax.vjp(lambda x: aff.apply(x, kernel, bias), x)
+        z_pos, z_neg = jnp.split(z, 2, axis=-1)
+        (c,) = vjp(
+            jnp.concatenate(
+                [alpha * R / stabilize(z_pos, eps), -beta * R / stabilize(z_neg, eps)], axis=-1
+            )
+        )
+    c_pos, c_neg = jnp.split(c, 2, axis=-1)
     return c_pos, c_neg
 
 

@@ -363,6 +363,39 @@ def test_conv1d_rule_matches_loop_reference(case):
     assert_close(rule(layer, a, R), batch_reference(kind, a, R, conns, bias_full, **p))
 
 
+@pytest.mark.parametrize(
+    "case",
+    [c for c in RULES if c[0] in ("epsilon0.1", "alpha2beta1", "alpha1beta0", "gamma")],
+    ids=lambda c: c[0],
+)
+def test_grouped_conv_rule_matches_loop_reference(case):
+    """Two groups of 2 input channels: the reference sees the block-diagonal full kernel.
+
+    Alpha-beta stacks a+ and a- along the input channels for ungrouped layers; grouped ones
+    keep the four separate products, which this checks.
+    """
+    layer = nnx.Conv(4, 4, (3, 3), feature_group_count=2, padding="SAME", rngs=nnx.Rngs(0))
+    _set(layer, np.random.default_rng(21))
+    rule, kind, p = _rule_and_params(case, LOW_CH, HIGH_CH)
+    rng = np.random.default_rng(22)
+    a = _inputs(rng, (2, 4, 4, 4), -0.5, 1.0)
+    kernel, bias = params_of(layer)  # (3, 3, 2, 4): outputs 0-1 see inputs 0-1, 2-3 see 2-3
+    full = np.zeros((3, 3, 4, 4))
+    full[:, :, :2, :2], full[:, :, 2:, 2:] = kernel[:, :, :, :2], kernel[:, :, :, 2:]
+    conns, out_shape = conv_connections(full, (4, 4), (1, 1), "SAME")
+    conns = [c for c in conns if c[2] != 0.0]
+    bias_full = np.broadcast_to(bias, out_shape).ravel()
+    y = np.asarray(layer(a))
+    assert_close(
+        y, np.stack([reference_forward(x.ravel(), conns, bias_full) for x in a]).reshape(y.shape)
+    )
+    R = rng.normal(size=y.shape).astype(np.float32)
+    assert_close(
+        rule(layer, jnp.asarray(a), jnp.asarray(R)),
+        batch_reference(kind, a, R, conns, bias_full, **p),
+    )
+
+
 def test_flat_counts_connections_at_padded_border():
     """With SAME padding, a corner output sees 2x2 of the 3x3 taps: n_k = 4 * C_in there."""
     layer = _set(nnx.Conv(2, 1, (3, 3), padding="SAME", rngs=nnx.Rngs(0)), np.random.default_rng(0))
