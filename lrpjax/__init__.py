@@ -1,6 +1,7 @@
 """lrpjax: Layer-wise Relevance Propagation for Flax NNX models, as pure JAX functions."""
 
-from lrpjax import baselines, composites, data, layers, metrics, models, rules, viz
+from lrpjax import baselines, compilation, composites, data, layers, metrics, models, rules, viz
+from lrpjax.compilation import jit
 from lrpjax.engine import INITS, Explanation, LayerError, explain, explainer, output_relevance
 
 PRETRAINED = "minivgg_cifar10.npz"
@@ -23,10 +24,12 @@ __all__ = [
     "Explanation",
     "LayerError",
     "baselines",
+    "compilation",
     "composites",
     "data",
     "explain",
     "explainer",
+    "jit",
     "layers",
     "load_pretrained",
     "metrics",

@@ -1,6 +1,8 @@
 """``lrpjax bench``: time explainers against the forward pass and the input gradient.
 
-Each method is one jit-compiled function of (state, x). Compile time is measured apart
+Each method is one jit-compiled function of (state, x): the forward pass with `jax.jit`,
+every method with a backward pass with `lrpjax.jit` (the same XLA options for the gradient
+as for LRP; see `lrpjax.compilation`). Compile time is measured apart
 (first call, blocked on); run time is the median of `repeats` calls after warm-up, each
 blocked on with `block_until_ready`. Ratios are taken within one run, on one device, so
 they hold on a shared, noisy machine where absolute times do not.
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import baselines, models
+from lrpjax import baselines, compilation, models
 
 __all__ = ["DEFAULT_METHODS", "add_parser", "benchmark", "method_fn"]
 
@@ -128,7 +130,8 @@ def benchmark(
         for method in methods:
             fn, state = method_fn(model, method)
             state = _cast_floats(state, dtype)
-            compile_s, run_s = _time(jax.jit(fn), state, x, repeats=repeats)
+            compile = jax.jit if method == "forward" else compilation.jit
+            compile_s, run_s = _time(compile(fn), state, x, repeats=repeats)
             times[method] = run_s
             rows.append(
                 {"batch_size": bs, "method": method, "compile_s": compile_s, "run_s": run_s,
@@ -151,6 +154,7 @@ def benchmark(
         "date": time.strftime("%Y-%m-%d"),
         "repeats": repeats,
         "dtype": dtype,
+        "compiler_options": compilation.compiler_options(),
         "results": rows,
     }
 
@@ -159,7 +163,8 @@ def table(report: dict) -> str:
     """A markdown table of a `benchmark` report."""
     lines = [
         f"device: {report['device']} ({report['platform']}), jax {report['jax']}, "
-        f"flax {report['flax']}, {report['date']}, median of {report['repeats']}",
+        f"flax {report['flax']}, {report['date']}, median of {report['repeats']}, "
+        f"XLA options {report.get('compiler_options') or 'default'}",
         "",
         "| batch | method | run ms | images/s | x forward | x gradient | compile s |",
         "|---:|---|---:|---:|---:|---:|---:|",
@@ -188,11 +193,18 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", help="model weights (default: shipped model)")
     p.add_argument("--random-model", action="store_true", help="random weights instead")
     p.add_argument("--train", action="store_true", help="also time the training step")
+    p.add_argument(
+        "--jax-defaults",
+        action="store_true",
+        help="compile with plain jax.jit, without lrpjax's XLA options (for comparison)",
+    )
     p.add_argument("--json", default="bench.json", help="where to write the results")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import contextlib
+
     import lrpjax
 
     if args.random_model:
@@ -206,9 +218,10 @@ def run(args) -> int:
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         method_fn(model, m)  # unknown names fail before any timing
-    report = benchmark(model, sizes, methods, args.repeats, args.dtype)
-    if args.train:
-        report["train"] = [train_throughput(bs, args.repeats) for bs in sizes if bs >= 8]
+    with compilation.jax_defaults() if args.jax_defaults else contextlib.nullcontext():
+        report = benchmark(model, sizes, methods, args.repeats, args.dtype)
+        if args.train:
+            report["train"] = [train_throughput(bs, args.repeats) for bs in sizes if bs >= 8]
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(table(report))
     print(f"wrote {args.json}")

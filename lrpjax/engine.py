@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 from jax.extend import core as jax_core
 
+from lrpjax import compilation
 from lrpjax import composites as composites_lib
 from lrpjax import rules as rules_lib
 from lrpjax.layers import Flatten
@@ -295,6 +296,9 @@ def explainer(
 ) -> tuple[Callable, nnx.State]:
     """The explanation as a pure function, for `jax.jit`, `jax.vmap` and sharding.
 
+    Compile it with `lrpjax.jit` (`jax.jit` with the XLA options lrpjax uses on CPU, about
+    1.8x faster there; see `lrpjax.compilation`) or with `jax.jit` itself.
+
     Args:
       model: a Flax NNX model (its current state is taken; it is explained in eval mode).
       composite, init, layerwise: as for `explain`.
@@ -403,7 +407,7 @@ def _check_glue(jaxpr) -> None:
 
 @lru_cache(maxsize=64)
 def _jitted(graphdef, composite, init, layerwise):
-    return jax.jit(_explain_fn(graphdef, composite, init, layerwise))
+    return compilation.jit(_explain_fn(graphdef, composite, init, layerwise))
 
 
 def _logits(graphdef, state, x):

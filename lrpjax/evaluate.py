@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import baselines, metrics
+from lrpjax import baselines, compilation, metrics
 
 __all__ = ["DEFAULT_EXPLAINERS", "add_parser", "evaluate", "explain_all", "predict", "table"]
 
@@ -94,7 +94,7 @@ def explain_all(
     """
     from tqdm.auto import tqdm
 
-    run = jax.jit(fn)
+    run = compilation.jit(fn)
     bs = max(1, batch_size // baselines.passes(fn))
     out = []
     for lo in tqdm(

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import baselines, engine
+from lrpjax import baselines, compilation, engine
 
 __all__ = [
     "REPLACEMENTS",
@@ -442,14 +442,14 @@ def model_randomization(
     for name, spec in items.items():
         if isinstance(spec, str):
             fn, _ = baselines.make(model, spec)
-            fns[name] = (jax.jit(fn), None)
+            fns[name] = (compilation.jit(fn), None)
         else:
             fn, state = spec
             same = jax.tree.structure(state) == jax.tree.structure(model_state) and all(
                 a is b
                 for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(model_state), strict=True)
             )
-            fns[name] = (jax.jit(fn), None if same else state)
+            fns[name] = (compilation.jit(fn), None if same else state)
     n = images.shape[0]
     target = jnp.broadcast_to(jnp.asarray(-1 if target is None else target), (n,)).astype(jnp.int32)
     if bool(jnp.any(target < 0)):

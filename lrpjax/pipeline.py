@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lrpjax import engine, models, viz
+from lrpjax import compilation, engine, models, viz
 
 __all__ = ["ARRAYS", "explain_dataset", "make_step"]
 
@@ -54,7 +54,7 @@ def make_step(model: nnx.Module, composite, init, devices=None):
         out = fn(state, x, target)
         return out.relevance, jax.nn.softmax(out.logits), out.target
 
-    step = jax.jit(step, in_shardings=(replicated, batch, batch), out_shardings=batch)
+    step = compilation.jit(step, in_shardings=(replicated, batch, batch), out_shardings=batch)
     return step, jax.device_put(state, replicated), len(devices)
 
 

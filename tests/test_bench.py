@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lrpjax import cli
+from lrpjax import cli, compilation
 
 METHODS = ("forward", "gradient", "lrp:epsilon", "lrp:epsilon:eps=0.25", "smoothgrad:samples=2")
 
@@ -91,3 +91,14 @@ def test_bench_dtype_runs_the_whole_model_in_it():
     fn, state = bench.method_fn(model, "lrp:epsilon")
     relevance = jax.jit(fn)(bench._cast_floats(state, "bfloat16"), x + 0.5)
     assert relevance.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(relevance)))
+
+
+def test_bench_jax_defaults_switch(tmp_path):
+    ours, plain = tmp_path / "ours.json", tmp_path / "plain.json"
+    args = ["bench", "--batch-sizes", "2", "--repeats", "1", "--random-model"]
+    assert cli.main([*args, "--methods", "forward,gradient", "--json", str(ours)]) == 0
+    assert cli.main([*args, "--methods", "gradient", "--jax-defaults", "--json", str(plain)]) == 0
+    assert json.loads(ours.read_text())["compiler_options"] == compilation.compiler_options()
+    assert json.loads(ours.read_text())["compiler_options"] is not None  # CPU
+    assert json.loads(plain.read_text())["compiler_options"] is None
+    assert compilation.compiler_options() is not None  # the switch ends with the run

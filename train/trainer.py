@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lrpjax import models
+from lrpjax import compilation, models
 
 __all__ = ["Config", "checkpoint_path", "evaluate", "make_optimizer", "train"]
 
@@ -114,7 +114,7 @@ class _Steps:
         model.train()
         self.tx = tx
         self.config = config
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1, 2))
+        self.train_step = compilation.jit(self._train_step, donate_argnums=(0, 1, 2))
         self.eval_batch = jax.jit(self._eval_batch)
 
     def _loss(self, params, rest, x, y):
