@@ -24,7 +24,7 @@ from flax import nnx
 
 from lrpjax import baselines, compilation, models
 
-__all__ = ["DEFAULT_METHODS", "add_parser", "benchmark", "method_fn"]
+__all__ = ["DEFAULT_METHODS", "RATIOS", "add_parser", "benchmark", "method_fn", "table"]
 
 DEFAULT_METHODS = (
     "forward",
@@ -37,6 +37,10 @@ DEFAULT_METHODS = (
     "smoothgrad:samples=8",
     "integrated_gradients:steps=8",
 )
+
+
+#: Ratio fields of a result row, and the method each one divides by (timed in the same run).
+RATIOS = {"vs_forward": "forward", "vs_gradient": "gradient", "vs_epsilon": "lrp:epsilon"}
 
 
 def method_fn(model: nnx.Module, method: str) -> tuple[Callable, nnx.State]:
@@ -120,7 +124,8 @@ def benchmark(
 
     Returns:
       ``{"device": ..., "results": [{"batch_size", "method", "compile_s", "run_s",
-      "images_per_second", "vs_forward", "vs_gradient"}, ...]}``.
+      "images_per_second", "vs_forward", "vs_gradient", "vs_epsilon"}, ...]}``, the ratios
+      None where their reference method was not timed.
     """
     rng = np.random.default_rng(0)
     rows = []
@@ -142,10 +147,8 @@ def benchmark(
                 progress(f"  batch {bs:5d} {method:28s} {ms:9.2f} ms  (compile {compile_s:.1f} s)")
         for row in rows:
             if row["batch_size"] == bs:
-                row["vs_forward"] = row["run_s"] / times["forward"] if "forward" in times else None
-                row["vs_gradient"] = (
-                    row["run_s"] / times["gradient"] if "gradient" in times else None
-                )
+                for key, reference in RATIOS.items():
+                    row[key] = row["run_s"] / times[reference] if reference in times else None
     return {
         "device": str(jax.devices()[0]),
         "platform": jax.default_backend(),
@@ -166,20 +169,20 @@ def table(report: dict) -> str:
         f"flax {report['flax']}, {report['date']}, median of {report['repeats']}, "
         f"XLA options {report.get('compiler_options') or 'default'}",
         "",
-        "| batch | method | run ms | images/s | x forward | x gradient | compile s |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| batch | method | run ms | images/s | x forward | x gradient | x lrp:epsilon "
+        "| compile s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        vf = f"{r['vs_forward']:.2f}" if r.get("vs_forward") is not None else "-"
-        vg = f"{r['vs_gradient']:.2f}" if r.get("vs_gradient") is not None else "-"
+        ratios = " | ".join(f"{r[key]:.2f}" if r.get(key) is not None else "-" for key in RATIOS)
         lines.append(
             f"| {r['batch_size']} | {r['method']} | {r['run_s'] * 1e3:.2f} | "
-            f"{r['images_per_second']:.0f} | {vf} | {vg} | {r['compile_s']:.2f} |"
+            f"{r['images_per_second']:.0f} | {ratios} | {r['compile_s']:.2f} |"
         )
     for t in report.get("train", []):
         lines.append(
             f"| {t['batch_size']} | train_step | {t['run_s'] * 1e3:.2f} | "
-            f"{t['images_per_second']:.0f} | - | - | {t['compile_s']:.2f} |"
+            f"{t['images_per_second']:.0f} | - | - | - | {t['compile_s']:.2f} |"
         )
     return "\n".join(lines)
 

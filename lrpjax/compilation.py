@@ -5,9 +5,10 @@ forward pass that keeps no activations gains from them: XLA fuses the whole netw
 few such kernels. A backward pass keeps every layer's activations, so each convolution
 becomes a fusion of its own, and such single-convolution fusions ran on one core here
 while XLA's own convolutions use all of them. Measured on this project's 2-core CPU
-(miniVGG, batch 256, one run): LRP-epsilon 428 ms with YNNPACK fusions and 226 ms without,
-the input gradient 429 and 241 ms, the training step 824 and 613 ms; the forward pass alone
-92 and 110 ms. So explanations, gradients and training steps are compiled without YNNPACK
+(miniVGG, batch 256, `lrpjax bench` with and without `--jax-defaults`): LRP-epsilon 446 ms
+with YNNPACK fusions and 246 ms without, the input gradient 475 and 249 ms, the training
+step 764 and 629 ms; the forward pass alone is faster with them (about 90 against 110 ms).
+So explanations, gradients and training steps are compiled without YNNPACK
 fusions on CPU, and forward-only functions (prediction, pixel flipping) keep the default.
 Other backends get no options, and neither does any backend with the environment
 variable ``LRPJAX_XLA_DEFAULTS=1`` set; `lrpjax bench --jax-defaults` sets it to measure

@@ -28,6 +28,9 @@ def test_bench_smoke(tmp_path, capsys):
     gradient = next(r for r in rows if r["method"] == "gradient")
     assert forward["vs_forward"] == 1.0
     assert gradient["vs_gradient"] == 1.0
+    epsilon = next(r for r in rows if r["method"] == "lrp:epsilon")
+    assert epsilon["vs_epsilon"] == 1.0
+    assert gradient["vs_epsilon"] == gradient["run_s"] / epsilon["run_s"]
     assert report["repeats"] == 1 and report["dtype"] == "float32"
     assert "train" not in report
     assert "| 2 | lrp:epsilon |" in out
@@ -48,7 +51,7 @@ def test_bench_train(tmp_path, capsys):
     assert train["run_s"] > 0 and train["images_per_second"] > 0
     assert "train_step" in out
     (row,) = report["results"]
-    assert row["vs_gradient"] is None  # no gradient row to compare with
+    assert row["vs_gradient"] is None and row["vs_epsilon"] is None  # nothing to compare with
 
 
 def test_bench_unknown_method(tmp_path, capsys):
