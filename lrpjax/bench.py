@@ -10,6 +10,7 @@ they hold on a shared, noisy machine where absolute times do not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -206,8 +207,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import contextlib
-
     import lrpjax
 
     if args.random_model:

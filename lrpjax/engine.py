@@ -406,7 +406,10 @@ def _check_glue(jaxpr) -> None:
 
 
 @lru_cache(maxsize=64)
-def _jitted(graphdef, composite, init, layerwise):
+def _jitted(graphdef, composite, init, layerwise, options):
+    """`options` (the compiler options, as a tuple) only keys the cache: switching them with
+    `lrpjax.compilation.jax_defaults` gives another compiled function."""
+    del options
     return compilation.jit(_explain_fn(graphdef, composite, init, layerwise))
 
 
@@ -471,7 +474,8 @@ def explain(
         raise ValueError(
             f"target outside the model's classes 0..{num_classes - 1}: {np.unique(target)}"
         )
-    out = _jitted(graphdef, composite, init, layerwise)(state, x, target)
+    options = tuple(sorted((compilation.compiler_options() or {}).items()))
+    out = _jitted(graphdef, composite, init, layerwise, options)(state, x, target)
     if not layerwise:
         return out.relevance
     order = _explain_fn(graphdef, composite, init, layerwise).call_order

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import lrpjax
-from lrpjax import compilation
+from lrpjax import compilation, engine
 from lrpjax.models import MiniVGG
 
 
@@ -57,3 +57,16 @@ def test_explanations_equal_plain_jax_jit(composite):
     scale = float(jnp.max(jnp.abs(plain.relevance)))
     np.testing.assert_allclose(ours.relevance, plain.relevance, atol=1e-4 * scale)
     np.testing.assert_allclose(ours.logits, plain.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_explain_follows_the_switch():
+    """`lrpjax.explain` caches compiled functions; the switch must not reuse the other's."""
+    model = MiniVGG(rngs=nnx.Rngs(5))
+    model.eval()
+    x = jnp.asarray(np.random.default_rng(6).random((2, 32, 32, 3), np.float32))
+    ours = lrpjax.explain(model, x)
+    before = engine._jitted.cache_info().currsize
+    with compilation.jax_defaults():
+        plain = lrpjax.explain(model, x)
+    assert engine._jitted.cache_info().currsize == before + 1
+    np.testing.assert_allclose(ours, plain, atol=1e-4 * float(jnp.max(jnp.abs(plain))))
