@@ -5,14 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-__all__ = ["main"]
+from lrpjax.cli_common import (
+    CLIError,
+    add_data_arguments,
+    add_model_arguments,
+    check_writable,
+    fit_data,
+    init_distributed,
+    load_data,
+    load_model,
+    parse_target,
+)
 
-
-class CLIError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2."""
+__all__ = ["CLIError", "main"]
 
 
 def _explain_parser(sub) -> None:
@@ -25,74 +32,32 @@ def _explain_parser(sub) -> None:
         description="Explain images with LRP. With no arguments: the shipped model on the "
         "shipped 100-image CIFAR-10 sample, offline.",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--dataset", choices=["cifar10"], help="a tensorflow-datasets dataset")
-    src.add_argument("--data-dir", help="image folder (split/class/image) or a .tar.gz of one")
-    p.add_argument("--split", default="test", help="split to explain (default: test)")
-    p.add_argument("--checkpoint", help="weights from `python -m train` (default: shipped model)")
+    add_data_arguments(p)
+    add_model_arguments(p)
     p.add_argument("--composite", default="epsilon", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--init", default="logit", help=f"output relevance: {', '.join(INITS)}")
     p.add_argument("--target", default="pred", help="pred, label, or a class index")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--limit", type=int, help="explain only the first N images")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--out", default="lrp-out", help="output folder (default: ./lrp-out)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() first (one process per host); each process "
-        "explains its contiguous share of the images into <out>/process-<i>",
+        help="one process per host: call jax.distributed.initialize() first (coordinator, "
+        "process count and id from the flags below or JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a cluster JAX detects); each process explains "
+        "a contiguous share of the images and process 0 merges them into --out (which must "
+        "be on a file system all processes share)",
     )
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise CLIError(f"output folder {out} is not writable: {e.strerror or e}") from None
-
-
-def _load_data(args) -> tuple:
-    from lrpjax import data
-
-    if args.dataset or args.data_dir:
-        source = args.dataset or args.data_dir
-        images, labels = data.load(source, args.split, progress=not args.no_progress)
-        name = f"{source}:{args.split}"
-    else:
-        images, labels = data.sample()
-        name = "shipped-sample"
-    if args.limit is not None:
-        if args.limit < 1:
-            raise CLIError(f"--limit must be positive, got {args.limit}")
-        images, labels = images[: args.limit], labels[: args.limit]
-    return images, labels, name
-
-
-def _parse_target(value: str, num_classes: int) -> str | int:
-    if value in ("pred", "label"):
-        return value
-    try:
-        t = int(value)
-    except ValueError:
-        raise CLIError(f"--target must be pred, label or a class index, got {value!r}") from None
-    if not 0 <= t < num_classes:
-        raise CLIError(f"--target {t} is outside the classes 0..{num_classes - 1}")
-    return t
-
-
-def _model_identity(path: str | None) -> str:
-    if path is None:
-        return "shipped"
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    p.add_argument("--coordinator", help="with --distributed: process 0's host:port")
+    p.add_argument("--num-processes", type=int, help="with --distributed: how many processes")
+    p.add_argument("--process-id", type=int, help="with --distributed: this process's index")
 
 
 def cmd_explain(args) -> int:
-    from lrpjax import INITS, composites, models, pipeline
+    """Run ``lrpjax explain`` from parsed arguments."""
+    from lrpjax import INITS, composites
 
     if args.composite not in composites.PRESETS:
         raise CLIError(
@@ -102,29 +67,26 @@ def cmd_explain(args) -> int:
         raise CLIError(f"unknown init {args.init!r}; choose from {', '.join(INITS)}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
-    target = _parse_target(args.target, models.NUM_CLASSES)
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be positive, got {args.limit}")
+    given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f)]
+    if given and not args.distributed:
+        raise CLIError(f"--{given[0].replace('_', '-')} needs --distributed")
+    process, processes = 0, 1
+    if args.distributed:  # before anything touches a JAX backend (loading the model does)
+        process, processes = init_distributed(args.coordinator, args.num_processes, args.process_id)
+    from lrpjax import pipeline
+
+    loaded = load_model(args)
     out = Path(args.out)
-    _check_writable(out)
-    if args.checkpoint:
-        model = models.load(args.checkpoint)
-    else:
-        from lrpjax import load_pretrained
-
-        model = load_pretrained()
-    images, labels, source = _load_data(args)
-    models.check_images(images)
-    if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
-        share = -(-len(images) // jax.process_count())
-        lo = jax.process_index() * share
-        images, labels = images[lo : lo + share], labels[lo : lo + share]
-        out = out / f"process-{jax.process_index()}"
+    check_writable(out)
+    fitted = fit_data(loaded, load_data(args))
+    images, labels, source = fitted.images, fitted.labels, fitted.source
+    target = parse_target(args.target, fitted.num_classes)
     if target == "label" and (labels < 0).any():
         raise CLIError("--target label needs labelled images")
     settings = {
-        "model": _model_identity(args.checkpoint),
+        "model": loaded.identity,
         "data": source,
         "limit": args.limit,
         "composite": args.composite,
@@ -132,7 +94,7 @@ def cmd_explain(args) -> int:
         "target": target,
     }
     summary = pipeline.explain_dataset(
-        model,
+        loaded.model,
         images,
         labels,
         out,
@@ -142,22 +104,26 @@ def cmd_explain(args) -> int:
         target=target,
         batch_size=args.batch_size,
         dtype=args.dtype,
-        class_names=models.CLASS_NAMES,
+        class_names=fitted.class_names,
         progress=not args.no_progress,
     )
     acc = summary["accuracy"]
-    print(f"wrote {out}/: relevance.npy, predictions.npy, probabilities.npy, heatmaps.png, ...")
+    who = f"process {process} of {processes}: " if processes > 1 else ""
     print(
-        f"explained {summary['images']} images ({source}) with LRP {args.composite}, "
+        f"{who}wrote {out}/: relevance.npy, predictions.npy, probabilities.npy, heatmaps.png, ..."
+    )
+    print(
+        f"{who}explained {summary['images']} images ({source}) with LRP {args.composite}, "
         f"init {args.init}, target {target}: accuracy {acc:.3f}, "
         f"mean relevance sum {summary['mean_relevance_sum']:.4f}, {summary['seconds']:.1f} s"
         if acc is not None
-        else f"explained {summary['images']} images in {summary['seconds']:.1f} s"
+        else f"{who}explained {summary['images']} images in {summary['seconds']:.1f} s"
     )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``lrpjax`` command; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="lrpjax", description="Layer-wise Relevance Propagation in JAX"
     )
@@ -179,12 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     from lrpjax import LayerError
     from lrpjax.data import DataUnavailableError
     from lrpjax.models import ModelFileError
+    from lrpjax.pipeline import OutputLockedError
 
     try:
         if args.command == "explain":
             return cmd_explain(args)
         return args.func(args)
-    except (CLIError, ModelFileError, DataUnavailableError, LayerError, ValueError) as e:
+    except (
+        CLIError,
+        ModelFileError,
+        DataUnavailableError,
+        LayerError,
+        OutputLockedError,
+        ValueError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

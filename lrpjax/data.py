@@ -7,8 +7,11 @@ Sources, given to `load` as one string:
 
 - ``"cifar10"``: `tfds.load` (needs internet the first time, and TensorFlow).
 - a folder in ``split/class/image`` layout, the layout `tfds.folder_dataset.ImageFolder`
-  reads; class labels are the class folders in sorted order (which is CIFAR-10's label order
-  for its class names);
+  reads. `image_folder` labels the images by their class folder's *name*: with
+  ``class_names`` (a model's classes) a folder ``cat`` gets the index of ``"cat"`` among
+  them, whichever classes the folder holds, and a folder class not among them is an error
+  naming it; without, the class folders in sorted order (CIFAR-10's label order for its
+  class names);
 - a ``.tar.gz`` of such a folder, extracted once into a cache directory
   (``$LRPJAX_CACHE`` or ``~/.cache/lrpjax``).
 
@@ -20,17 +23,33 @@ imported for them.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataUnavailableError", "cache_dir", "image_folder", "load", "sample"]
+__all__ = [
+    "CIFAR10_CLASSES",
+    "DataUnavailableError",
+    "cache_dir",
+    "image_folder",
+    "load",
+    "load_with_classes",
+    "match_classes",
+    "sample",
+]
+
+#: CIFAR-10's class names in its label order (tfds and the shipped sample).
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
@@ -127,23 +146,36 @@ def _decode_split(
     return np.stack(images), np.array([label for _, label in files], np.int32), classes
 
 
-def image_folder(
-    path: str | os.PathLike, split: str = "test", progress: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Load one split of an image folder (or ``.tar.gz`` of one).
+def match_classes(
+    labels: np.ndarray, data_classes: Sequence[str], class_names: Sequence[str], source: str = ""
+) -> np.ndarray:
+    """Relabel `labels` (indices into `data_classes`) as indices into `class_names`, by name.
 
-    Args:
-      path: folder with ``split/class/image`` files, or a ``.tar.gz`` archive of it.
-      split: the split folder's name, e.g. ``"train"`` or ``"test"``.
-      progress: show a progress bar while decoding.
-
-    Returns:
-      images (N, H, W, 3) float32 in [0, 1]; labels (N,) int32, the index of the image's
-      class folder among the split's class folders in sorted order.
+    Labels below 0 (unknown) stay -1.
 
     Raises:
-      DataUnavailableError: the path is missing, unreadable, or has no such split.
+      DataUnavailableError: a class of the data that has images is not in `class_names`;
+        the message names it.
     """
+    index = {name: i for i, name in enumerate(class_names)}
+    used = sorted({int(v) for v in np.unique(labels) if v >= 0})
+    unknown = [data_classes[i] for i in used if data_classes[i] not in index]
+    if unknown:
+        shown = ", ".join(list(class_names)[:12]) + (" ..." if len(class_names) > 12 else "")
+        raise DataUnavailableError(
+            f"class{'es' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} of "
+            f"{source or 'the data'} {'are' if len(unknown) > 1 else 'is'} not among the "
+            f"model's {len(class_names)} classes ({shown})"
+        )
+    table = np.array([index.get(name, -1) for name in data_classes] or [-1], np.int32)
+    labels = np.asarray(labels)
+    return np.where(labels >= 0, table[np.maximum(labels, 0)], -1).astype(np.int32)
+
+
+def _image_folder(
+    path: str | os.PathLike, split: str, progress: bool
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images, labels by sorted class folder, and the sorted class folder names."""
     path = Path(path)
     if not path.exists():
         raise DataUnavailableError(_how_to_get_data(f"{path} does not exist"))
@@ -162,49 +194,148 @@ def image_folder(
         ).encode()
     ).hexdigest()
     if cached.exists():
-        with np.load(cached, allow_pickle=False) as npz:
-            if str(npz["stamp"]) == stamp:
-                return npz["images"].astype(np.float32) / 255.0, npz["labels"]
-    images, labels, _ = _decode_split(split_dir, progress)
+        try:
+            with np.load(cached, allow_pickle=False) as npz:
+                if str(npz["stamp"]) == stamp and "classes" in npz.files:
+                    classes = [str(c) for c in npz["classes"]]
+                    return npz["images"].astype(np.float32) / 255.0, npz["labels"], classes
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # a damaged cache: decode again
+    images, labels, classes = _decode_split(split_dir, progress)
     try:
         tmp = cached.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, labels=labels, stamp=np.array(stamp))
+        np.savez(
+            tmp, images=images, labels=labels, stamp=np.array(stamp), classes=np.array(classes)
+        )
         os.replace(tmp, cached)
     except OSError:
         pass  # a read-only dataset folder: decode again next time
-    return images.astype(np.float32) / 255.0, labels
+    return images.astype(np.float32) / 255.0, labels, classes
+
+
+def image_folder(
+    path: str | os.PathLike,
+    split: str = "test",
+    progress: bool = True,
+    class_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of an image folder (or ``.tar.gz`` of one).
+
+    Args:
+      path: folder with ``split/class/image`` files, or a ``.tar.gz`` archive of it.
+      split: the split folder's name, e.g. ``"train"`` or ``"test"``.
+      progress: show a progress bar while decoding.
+      class_names: a model's class names in output order: each image is labelled with the
+        index of its class folder's name among them (a folder holding only some classes
+        is labelled right). ``None``: the index among the split's class folders, sorted.
+
+    Returns:
+      images (N, H, W, 3) float32 in [0, 1]; labels (N,) int32.
+
+    Raises:
+      DataUnavailableError: the path is missing, unreadable, or has no such split; or a
+        class folder's name is not in `class_names` (the message names it).
+    """
+    images, labels, classes = _image_folder(path, split, progress)
+    if class_names is not None:
+        labels = match_classes(labels, classes, class_names, f"{path}:{split}")
+    return images, labels
+
+
+def _snapshot(root: Path, depth: int = 2) -> set[Path]:
+    """Paths under `root` down to `depth` levels (and `root` itself, if it exists)."""
+    if not root.exists():
+        return set()
+    found, level = {root}, [root]
+    for _ in range(depth):
+        level = [c for p in level if p.is_dir() for c in p.iterdir()]
+        found.update(level)
+    return found
+
+
+def _remove_new(root: Path, before: set[Path]) -> None:
+    """Remove what appeared under `root` since `before` (a `_snapshot`), top-most first."""
+    for p in sorted(_snapshot(root) - before, key=lambda p: len(p.parts)):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)
 
 
 def tfds_dataset(name: str = "cifar10", split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """Load a split of a tensorflow-datasets image classification dataset into memory.
 
+    Needs TensorFlow and tensorflow-datasets (``pip install "lrpjax[tfds]"``), and internet
+    the first time. When the load fails, whatever it created in the tfds data folder
+    (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``) is removed again.
+
     Raises:
-      DataUnavailableError: tfds cannot download or read the dataset here.
+      DataUnavailableError: in one line: what to install, or that the download failed.
     """
+    alternative = "or give --data-dir with a split/class/image folder or .tar.gz of one"
+    missing = [m for m in ("tensorflow_datasets", "tensorflow") if _missing_module(m)]
+    if missing:
+        raise DataUnavailableError(
+            f"--dataset {name} needs {' and '.join(missing)} (not installed): "
+            f"pip install 'lrpjax[tfds]' (TensorFlow and tensorflow-datasets), {alternative}"
+        )
+    root = Path(os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets")
+    before = _snapshot(root)
     try:
         import tensorflow_datasets as tfds
 
         images, labels = tfds.as_numpy(
-            tfds.load(name, split=split, batch_size=-1, as_supervised=True)
+            tfds.load(name, split=split, batch_size=-1, as_supervised=True, data_dir=str(root))
         )
-    except Exception as e:  # tfds raises many types: no TensorFlow, no network, bad split
+    except Exception as e:  # tfds raises many types: no network, bad split, broken install
+        _remove_new(root, before)
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
         raise DataUnavailableError(
-            _how_to_get_data(f"tensorflow-datasets could not load {name!r} ({split}): {e}")
+            f"tensorflow-datasets could not load {name!r} ({split}); the download needs "
+            f"internet ({detail}); {alternative}"
         ) from None
     return images.astype(np.float32) / 255.0, labels.astype(np.int32)
 
 
-def load(
+def _missing_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def load_with_classes(
     source: str | os.PathLike, split: str = "test", progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Like `load`, and the data's class names: labels index into them.
+
+    For an image folder, its split's class folders in sorted order; for ``"cifar10"``,
+    CIFAR-10's classes. Use `match_classes` to relabel by a model's class names.
+    """
+    if str(source) == "cifar10":
+        return (*tfds_dataset("cifar10", split), list(CIFAR10_CLASSES))
+    return _image_folder(source, split, progress)
+
+
+def load(
+    source: str | os.PathLike,
+    split: str = "test",
+    progress: bool = True,
+    class_names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load a split from ``"cifar10"`` (tfds), an image folder, or a ``.tar.gz`` of one.
+
+    Args:
+      class_names: label by class name, as a model with these classes numbers them (see
+        `image_folder`); ``None``: the source's own numbering.
 
     Returns:
       images (N, H, W, C) float32 in [0, 1]; labels (N,) int32.
     """
-    if str(source) == "cifar10":
-        return tfds_dataset("cifar10", split)
-    return image_folder(source, split, progress)
+    images, labels, classes = load_with_classes(source, split, progress)
+    if class_names is not None:
+        labels = match_classes(labels, classes, class_names, f"{source}:{split}")
+    return images, labels
 
 
 def sample() -> tuple[np.ndarray, np.ndarray]:

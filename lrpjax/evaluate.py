@@ -389,12 +389,10 @@ def add_parser(sub) -> None:
         "smoothgrad:samples=8,noise=0.2 (parameters follow their name), lrp:epsilon:eps=0.25, "
         "lrp:epsilon:init=sglrp; known: " + ", ".join(baselines.known_specs()),
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--dataset", choices=["cifar10"], help="a tensorflow-datasets dataset")
-    src.add_argument("--data-dir", help="image folder (split/class/image) or a .tar.gz of one")
-    p.add_argument("--split", default="test", help="split to use (default: test)")
-    p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--checkpoint", help="weights from `python -m train` (default: shipped model)")
+    from lrpjax.cli_common import add_data_arguments, add_model_arguments
+
+    add_data_arguments(p, verb="use")
+    add_model_arguments(p)
     p.add_argument("--region", type=int, default=4, help="region side in pixels (default 4)")
     p.add_argument("--steps", type=int, default=16, help="regions removed (default 16)")
     p.add_argument("--replacement", default="blur", choices=metrics.REPLACEMENTS)
@@ -423,34 +421,30 @@ def _split_specs(text: str) -> list[str]:
 
 def run(args) -> int:
     """Run ``lrpjax evaluate`` from parsed arguments."""
-    from lrpjax import cli, models
+    from lrpjax.cli_common import CLIError, check_writable, fit_data, load_data, load_model
 
     specs = _split_specs(args.explainers)
     if not specs:
-        raise cli.CLIError("--explainers is empty")
+        raise CLIError("--explainers is empty")
     if args.batch_size < 1 or args.region < 1:
-        raise cli.CLIError("--batch-size and --region must be positive")
+        raise CLIError("--batch-size and --region must be positive")
     if args.sanity_images < 0:
-        raise cli.CLIError(f"--sanity-images must be >= 0, got {args.sanity_images}")
+        raise CLIError(f"--sanity-images must be >= 0, got {args.sanity_images}")
     out = Path(args.out)
-    cli._check_writable(out)
-    if args.checkpoint:
-        model = models.load(args.checkpoint)
-    else:
-        from lrpjax import load_pretrained
-
-        model = load_pretrained()
+    check_writable(out)
+    loaded = load_model(args)
+    model = loaded.model
     for spec in specs:
         baselines.make(model, spec)  # unknown specs fail before any work
-    images, labels, source = cli._load_data(args)
-    models.check_images(images)
+    fitted = fit_data(loaded, load_data(args))
+    images, labels, source = fitted.images, fitted.labels, fitted.source
     t0 = time.perf_counter()
     report = evaluate(
         model, images, labels, specs, out, region=args.region, steps=args.steps,
         replacement=args.replacement, score=args.score, batch_size=args.batch_size,
         sanity_images=args.sanity_images, threshold=args.threshold, seed=args.seed,
         progress=not args.no_progress,
-        settings={"data": source, "model": cli._model_identity(args.checkpoint)},
+        settings={"data": source, "model": loaded.identity},
     )  # fmt: skip
     print(table(report))
     print(

@@ -1,17 +1,28 @@
-"""The reference miniVGG for CIFAR-10, its input convention, and its weight files.
+"""The reference miniVGG for CIFAR-10, its input convention, weight files for any NNX model,
+and the registry of shipped models.
 
 Weight files are NumPy ``.npz`` archives read with ``allow_pickle=False``: one array per
-model variable, keyed ``model/<path>``, and a JSON header under ``__meta__`` that names the
-architecture. The zip container's CRC-32 checks catch truncated and corrupted files.
+model variable (`nnx.Param` and `nnx.BatchStat`), keyed ``model/<path>``, and a JSON header
+under ``__meta__`` that names the architecture (the model's class name), and where known its
+class names and input shape. The zip container's CRC-32 checks catch truncated and corrupted
+files.
+
+Any Flax NNX model can be saved with `save` and loaded back with `load` given a factory that
+builds the same architecture (``load(path, factory=make_my_net)``); the factory is run under
+`nnx.eval_shape`, so building costs nothing, and the header's architecture must match the
+built model's class name. MiniVGG files load without a factory.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import os
+import sys
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -25,11 +36,18 @@ __all__ = [
     "CLASS_NAMES",
     "INPUT_SHAPE",
     "NUM_CLASSES",
+    "SHIPPED",
     "MiniVGG",
     "ModelFileError",
+    "ShippedModel",
     "check_images",
+    "class_names_of",
+    "import_factory",
     "load",
+    "load_shipped",
+    "output_size",
     "read_arrays",
+    "read_header",
     "save",
     "write_arrays",
     "write_json",
@@ -101,17 +119,25 @@ class ModelFileError(ValueError):
     """A weight file is missing, truncated, corrupted, or for another architecture."""
 
 
-def check_images(x: jax.Array | np.ndarray) -> None:
-    """Refuse inputs that are not a (N, 32, 32, 3) batch of finite values in [0, 1].
+def check_images(x: jax.Array | np.ndarray, shape: Sequence[int] | None = INPUT_SHAPE) -> None:
+    """Refuse inputs that are not a (N, *shape) batch of finite values in [0, 1].
+
+    Args:
+      x: the images, NHWC.
+      shape: the shape of one image the model takes (default: the miniVGG's 32x32x3);
+        ``None`` checks only that `x` is a batch of 4-D images.
 
     Raises:
       ValueError: naming what is wrong with the input.
     """
-    shape = tuple(np.shape(x))
-    if len(shape) != 4 or shape[1:] != INPUT_SHAPE:
+    got = tuple(np.shape(x))
+    if shape is None:
+        if len(got) != 4:
+            raise ValueError(f"expected a batch of images (N, height, width, channels), got {got}")
+    elif len(got) != 1 + len(shape) or got[1:] != tuple(shape):
         raise ValueError(
-            f"expected images of shape (N, {', '.join(map(str, INPUT_SHAPE))}) "
-            f"(NHWC, {INPUT_SHAPE[-1]} channels), got {shape}"
+            f"expected images of shape (N, {', '.join(map(str, shape))}) "
+            f"(NHWC, {shape[-1]} channels), got {got}"
         )
     x = np.asarray(x)
     if not np.all(np.isfinite(x)):
@@ -121,6 +147,31 @@ def check_images(x: jax.Array | np.ndarray) -> None:
         raise ValueError(
             f"image values must lie in [0, 1] (pixels / 255), got [{lo:.3g}, {hi:.3g}]"
         )
+
+
+def output_size(model: nnx.Module, image_shape: Sequence[int]) -> int:
+    """The number of classes (last output axis) of `model` on images of `image_shape`.
+
+    Computed abstractly (`jax.eval_shape`), without running the model.
+
+    Raises:
+      ValueError: the model does not take images of that shape.
+    """
+    try:
+        out = jax.eval_shape(
+            lambda x: model(x), jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+        )
+    except Exception as e:  # shape errors of user models come as many exception types
+        raise ValueError(
+            f"the model ({type(model).__name__}) does not take images of shape "
+            f"{tuple(image_shape)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    if not hasattr(out, "shape") or len(out.shape) != 2:
+        raise ValueError(
+            f"the model ({type(model).__name__}) must return (N, classes) logits, "
+            f"got {getattr(out, 'shape', type(out).__name__)}"
+        )
+    return int(out.shape[-1])
 
 
 def _variables(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -184,26 +235,65 @@ def read_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
-def save(model: MiniVGG, path: str | os.PathLike, **meta) -> None:
-    """Save a model's parameters and batch statistics to an ``.npz`` weight file.
+def _num_classes(model: nnx.Module) -> int | None:
+    """The class count of models that say it: MiniVGG's last layer or a ``num_classes``."""
+    if isinstance(model, MiniVGG):
+        return int(model.dense2.out_features)
+    n = getattr(model, "num_classes", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def save(
+    model: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    input_shape: Sequence[int] | None = None,
+    **meta,
+) -> None:
+    """Save any NNX model's parameters and batch statistics to an ``.npz`` weight file.
+
+    The header names the architecture (``type(model).__name__``), and, where given or known,
+    the class names, the class count and the shape of one input image; `load` checks the
+    architecture, ``lrpjax explain`` uses the class names to match image folders.
 
     Args:
       model: the model to save.
       path: destination file; written atomically.
+      class_names: the name of each output class, in output order.
+      input_shape: the shape of one input (e.g. ``(32, 32, 3)``); MiniVGG's is known.
       **meta: extra JSON-serialisable fields for the header (e.g. accuracy, command).
+
+    Raises:
+      ValueError: `class_names` disagrees with the model's class count.
     """
     arrays = {f"model/{k}": v for k, v in _variables(model).items()}
+    num_classes = _num_classes(model)
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for a model with {num_classes} classes"
+            )
+        if len(set(class_names)) != len(class_names):
+            raise ValueError("class names must be distinct")
+        num_classes = len(class_names)
+    if input_shape is None and isinstance(model, MiniVGG):
+        input_shape = INPUT_SHAPE
     header = {
         "format": "lrpjax-weights",
         "version": FORMAT_VERSION,
         "architecture": type(model).__name__,
-        "num_classes": int(model.dense2.out_features),
+        "module": type(model).__module__,
+        **({"num_classes": num_classes} if num_classes is not None else {}),
+        **({"class_names": class_names} if class_names is not None else {}),
+        **({"input_shape": [int(d) for d in input_shape]} if input_shape is not None else {}),
         **meta,
     }
     write_arrays(path, arrays, header)
 
 
-def restore(model: MiniVGG, arrays: Mapping[str, np.ndarray], source: str = "weights") -> None:
+def restore(model: nnx.Module, arrays: Mapping[str, np.ndarray], source: str = "weights") -> None:
     """Copy ``model/<path>`` arrays into a model in place, checking names and shapes."""
     expected = _variables(model)
     given = {k.removeprefix("model/"): v for k, v in arrays.items() if k.startswith("model/")}
@@ -223,13 +313,17 @@ def restore(model: MiniVGG, arrays: Mapping[str, np.ndarray], source: str = "wei
     nnx.update(model, nnx.from_flat_state(flat))
 
 
-def _unfilled(num_classes: int) -> MiniVGG:
-    """A MiniVGG with zeros for weights, built without running the initialisers.
+def _unfilled_from(factory: Callable[[], nnx.Module]) -> nnx.Module:
+    """The model `factory` builds, with zeros for weights, without running the initialisers.
 
     Random initialisation runs eagerly and takes seconds on a CPU; loading overwrites every
     parameter anyway. RNG keys (dropout) get a fixed key.
     """
-    abstract = nnx.eval_shape(lambda: MiniVGG(num_classes=num_classes, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(factory)
+    if not isinstance(abstract, nnx.Module):
+        raise ModelFileError(
+            f"the model factory returned {type(abstract).__name__}, not a Flax NNX module"
+        )
     graphdef, state = nnx.split(abstract)
 
     def fill(leaf: jax.ShapeDtypeStruct) -> jax.Array:
@@ -240,24 +334,165 @@ def _unfilled(num_classes: int) -> MiniVGG:
     return nnx.merge(graphdef, jax.tree.map(fill, state))
 
 
-def load(path: str | os.PathLike) -> MiniVGG:
-    """Load a miniVGG weight file (from `save` or ``python -m train``) in eval mode.
+def _unfilled(num_classes: int) -> MiniVGG:
+    """A MiniVGG with zeros for weights (see `_unfilled_from`)."""
+    return _unfilled_from(lambda: MiniVGG(num_classes=num_classes, rngs=nnx.Rngs(0)))
+
+
+#: Architectures `load` builds without a factory: header name -> factory of the header.
+ARCHITECTURES: dict[str, Callable[[dict], nnx.Module]] = {
+    "MiniVGG": lambda meta: MiniVGG(
+        num_classes=int(meta.get("num_classes", NUM_CLASSES)), rngs=nnx.Rngs(0)
+    ),
+}
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a weight file (without reading its arrays).
+
+    Raises:
+      ModelFileError: the file is missing or is not a readable lrpjax weight file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"weight file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(npz["__meta__"].tobytes().decode())
+        if not isinstance(meta, dict):
+            raise ValueError("its header is not a JSON object")
+    except (
+        zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError,
+        AttributeError, TypeError,
+    ) as e:  # fmt: skip
+        raise ModelFileError(
+            f"{path} is not a readable lrpjax weight file (truncated or corrupted?): {e}"
+        ) from None
+    return meta
+
+
+def load(
+    path: str | os.PathLike,
+    factory: Callable[[], nnx.Module] | None = None,
+) -> nnx.Module:
+    """Load a weight file (from `save` or ``python -m train``) into a model in eval mode.
 
     Args:
       path: an ``.npz`` weight file or training checkpoint.
+      factory: a callable with no arguments that builds the model (e.g.
+        ``lambda: MyNet(rngs=nnx.Rngs(0))``); run abstractly, so it costs nothing. ``None``:
+        the architecture the header names must be one lrpjax knows (MiniVGG).
 
     Returns:
       The model, in eval mode (dropout off, batch-norm running statistics).
 
     Raises:
-      ModelFileError: the file is missing, corrupt, or holds another architecture.
+      ModelFileError: the file is missing, corrupt, or holds another architecture than the
+        factory builds (or an unknown one, without a factory).
     """
     arrays, meta = read_arrays(path)
-    if meta.get("architecture") != "MiniVGG":
-        raise ModelFileError(
-            f"{path} holds a {meta.get('architecture', 'unknown')!r} model, not MiniVGG"
-        )
-    model = _unfilled(int(meta.get("num_classes", NUM_CLASSES)))
+    arch = meta.get("architecture", "unknown")
+    if factory is None:
+        if arch not in ARCHITECTURES:
+            raise ModelFileError(
+                f"{path} holds a {arch!r} model, not {' or '.join(ARCHITECTURES)} "
+                "(load it with its factory: --model package.module:factory)"
+            )
+        model = _unfilled_from(lambda: ARCHITECTURES[arch](meta))
+    else:
+        model = _unfilled_from(factory)
+        if type(model).__name__ != arch:
+            raise ModelFileError(
+                f"{path} holds a {arch!r} model, but the factory builds {type(model).__name__!r}"
+            )
     restore(model, arrays, source=str(path))
     model.eval()
     return model
+
+
+def class_names_of(meta: Mapping, num_classes: int) -> tuple[str, ...]:
+    """A model's class names: from its weight file's header, else defaults.
+
+    The header's ``class_names`` if it has as many as the model has classes; else, for a
+    10-class MiniVGG (the shipped model's header predates class names), CIFAR-10's names;
+    else ``"0"``, ``"1"``, ...
+    """
+    names = meta.get("class_names")
+    if isinstance(names, list) and len(names) == num_classes:
+        return tuple(str(n) for n in names)
+    if meta.get("architecture") == "MiniVGG" and num_classes == NUM_CLASSES:
+        return CLASS_NAMES
+    return tuple(str(i) for i in range(num_classes))
+
+
+def import_factory(spec: str) -> Callable[[], nnx.Module]:
+    """The callable named by ``"package.module:factory"`` (attributes may be dotted).
+
+    The current directory is searched first, as ``python -m`` would.
+
+    Raises:
+      ValueError: the spec is malformed, or the module or the name cannot be found.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"--model {spec!r}: expected a shipped model name or package.module:factory"
+        )
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--model {spec!r}: cannot import {module_name!r}: {e}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--model {spec!r}: {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"--model {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class ShippedModel:
+    """A model that ships with lrpjax: its weight file in ``lrpjax/assets`` and how to build it.
+
+    Attributes:
+      weights: file name under ``lrpjax/assets``.
+      factory: builds the architecture (run abstractly by `load`).
+      description: one line for ``--help``.
+    """
+
+    weights: str
+    factory: Callable[[], nnx.Module]
+    description: str
+
+
+#: Shipped models by ``--model`` name. A new one (e.g. a vision transformer) is one entry.
+SHIPPED: dict[str, ShippedModel] = {
+    "minivgg": ShippedModel(
+        "minivgg_cifar10.npz",
+        lambda: MiniVGG(rngs=nnx.Rngs(0)),
+        "miniVGG trained on CIFAR-10 (87.13% test accuracy)",
+    ),
+}
+
+
+def load_shipped(name: str = "minivgg") -> tuple[nnx.Module, dict]:
+    """A shipped model in eval mode and its weight file's header (offline).
+
+    Raises:
+      ValueError: no shipped model has that name.
+    """
+    from importlib import resources
+
+    if name not in SHIPPED:
+        raise ValueError(f"unknown model {name!r}; shipped: {', '.join(SHIPPED)}")
+    entry = SHIPPED[name]
+    with resources.as_file(resources.files("lrpjax") / "assets" / entry.weights) as path:
+        return load(path, factory=entry.factory), read_header(path)

@@ -1,5 +1,5 @@
 """Explain a whole dataset: one compiled function, batches sharded over all local devices,
-results streamed to disk in chunks, resumable.
+results streamed to disk in chunks, resumable, on one process or several.
 
 Output folder layout (all arrays are ``.npy``, readable with ``np.load(..., mmap_mode="r")``):
 
@@ -12,15 +12,33 @@ While a run is in progress its arrays live in ``.partial-<key>/`` beside a manif
 finished chunks; they are moved to their final names only when every chunk is done, and
 ``summary.json`` is written last. A rerun with the same arguments finds the manifest and
 computes only the chunks that are missing.
+
+Several processes (`jax.distributed`, one per host, all given the whole dataset and the same
+``out`` on a shared file system): the chunks are split into contiguous shares, one per
+process; process ``i`` explains its share on its local devices into
+``.partial-<key>/process-<i>/`` (its own memmapped arrays and manifest, so no two processes
+ever write the same file). When every process is done (a barrier of the distributed
+runtime), process 0 checks every manifest, merges the shares into ``out`` (the same files a
+one-process run writes, copied in blocks, so memory stays bounded), draws the figures and
+writes ``summary.json``; then every process returns that summary. A rerun after any process
+was killed resumes each process's share from its own manifest: only missing chunks are
+computed. The run key includes the process count, so a rerun with another count starts over.
+
+A lock (``out/.lock``, `fcntl.flock`; held by process 0) keeps a second run off a folder
+that a run is using: it fails with `OutputLockedError` before changing anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -31,18 +49,98 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lrpjax import compilation, engine, models, viz
 
-__all__ = ["ARRAYS", "explain_dataset", "make_step"]
+__all__ = ["ARRAYS", "OutputLockedError", "explain_dataset", "lock_output", "make_step"]
 
 ARRAYS = ("relevance", "predictions", "labels", "targets", "probabilities", "relevance_sum")
+LOCK_NAME = ".lock"
+#: How long a process waits for the others at a barrier (their whole share's computation).
+BARRIER_TIMEOUT_S = 7 * 24 * 3600
+
+
+class OutputLockedError(RuntimeError):
+    """Another run is using the output folder."""
+
+
+@contextlib.contextmanager
+def lock_output(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the output folder `out` (created if needed).
+
+    The lock is `fcntl.flock` on ``out/.lock``: the kernel releases it when the holder exits,
+    even by ``kill -9``, so a stale file never blocks a later run. The file is removed on
+    release. (On network file systems this relies on their flock support: NFSv4 has it.)
+
+    Raises:
+      OutputLockedError: another process holds the lock; nothing in `out` was changed.
+    """
+    import fcntl
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputLockedError(
+                f"output folder {out} is in use by another lrpjax run"
+                f"{f' ({holder})' if holder else ''}; wait for it to end or choose another --out"
+            ) from None
+        try:  # the previous holder may have removed the file between our open and flock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking: a waiter then sees a new inode
+        os.close(fd)
+
+
+_CALLS = itertools.count()
+
+
+class _Processes:
+    """This process's place among the JAX processes, with barriers and a broadcast from 0."""
+
+    def __init__(self) -> None:
+        self.index, self.count = jax.process_index(), jax.process_count()
+        self.call = next(_CALLS)  # every process calls explain_dataset in the same order
+        self.client = None
+        if self.count > 1:
+            from jax._src import distributed
+
+            self.client = distributed.global_state.client
+
+    def barrier(self, name: str) -> None:
+        if self.client is not None:
+            self.client.wait_at_barrier(f"lrpjax/{self.call}/{name}", BARRIER_TIMEOUT_S * 1000)
+
+    def from_first(self, name: str, value: str = "") -> str:
+        """Process 0's `value`, on every process."""
+        if self.client is None:
+            return value
+        key = f"lrpjax/{self.call}/{name}"
+        if self.index == 0:
+            self.client.key_value_set(key, value)
+            return value
+        return self.client.blocking_key_value_get(key, BARRIER_TIMEOUT_S * 1000)
 
 
 def make_step(model: nnx.Module, composite, init, devices=None):
     """A jit-compiled explanation step with the batch axis sharded over `devices`.
 
     Returns:
-      ``(step, state, num_devices)``: ``step(state, x, target)`` returns (relevance,
-      probabilities, targets); x and target must have a batch size divisible by
-      num_devices. ``target`` -1 means the predicted class.
+      ``(step, state, num_devices)``: ``step(state, x, target)`` takes NumPy arrays and
+      returns (relevance, probabilities, targets); x and target must have a batch size
+      divisible by num_devices. ``target`` -1 means the predicted class.
     """
     devices = list(devices or jax.local_devices())
     mesh = Mesh(np.array(devices), ("batch",))
@@ -54,13 +152,25 @@ def make_step(model: nnx.Module, composite, init, devices=None):
         out = fn(state, x, target)
         return out.relevance, jax.nn.softmax(out.logits), out.target
 
-    step = compilation.jit(step, in_shardings=(replicated, batch, batch), out_shardings=batch)
-    return step, jax.device_put(state, replicated), len(devices)
+    compiled = compilation.jit(step, in_shardings=(replicated, batch, batch), out_shardings=batch)
+
+    def run(state, x, target):
+        # Placed explicitly: with several processes, jit refuses NumPy inputs it must shard.
+        return compiled(state, jax.device_put(x, batch), jax.device_put(target, batch))
+
+    return run, jax.device_put(state, replicated), len(devices)
 
 
 def run_key(settings: dict) -> str:
     """A short hash of everything that determines a run's numbers."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def explain_dataset(
@@ -78,8 +188,14 @@ def explain_dataset(
     class_names=None,
     progress: bool = True,
     figures: int = 16,
+    compare: str | None = None,
 ) -> dict:
     """Explain every image and stream the results into `out`.
+
+    With several JAX processes (after `jax.distributed.initialize`), every process calls
+    this with the same arguments (the whole dataset, the same `out` on a shared file
+    system); each explains its contiguous share of the chunks, and process 0 merges them
+    into one result (see the module docstring).
 
     Args:
       model: the model (explained in eval mode).
@@ -92,50 +208,110 @@ def explain_dataset(
       target: ``"pred"``, ``"label"`` or a class index.
       batch_size: images per compiled call, rounded up to a multiple of the device count.
       dtype: ``"float32"`` or ``"float16"`` for the stored relevance.
+      class_names: the model's class names (figure titles); default ``"0"``, ``"1"``, ...
       figures: how many images the heatmap grid shows.
+      compare: a composite shown beside `composite` in ``heatmaps.png`` for the figure's
+        images (computed for them alone; not saved); ``None`` shows `composite` alone.
 
     Returns:
-      The summary (also written to ``out/summary.json``).
+      The summary (also written to ``out/summary.json``), on every process.
+
+    Raises:
+      OutputLockedError: another run holds `out`.
     """
+    out = Path(out)
+    group = _Processes()
+    with contextlib.ExitStack() as stack:
+        problem = ""
+        if group.index == 0:
+            try:
+                stack.enter_context(lock_output(out))
+            except OutputLockedError as e:
+                problem = str(e)
+        problem = group.from_first("lock", problem)
+        if problem:
+            raise OutputLockedError(problem)
+        return _explain_locked(
+            model, images, labels, out, group, settings=settings, composite=composite,
+            init=init, target=target, batch_size=batch_size, dtype=dtype,
+            class_names=class_names, progress=progress, figures=figures, compare=compare,
+        )  # fmt: skip
+
+
+def _explain_locked(
+    model, images, labels, out: Path, group: _Processes, *, settings, composite, init, target,
+    batch_size, dtype, class_names, progress, figures, compare,
+) -> dict:  # fmt: skip
     from tqdm.auto import tqdm
 
-    out = Path(out)
     n = len(images)
     step, state, num_devices = make_step(model, composite, init)
     batch_size = -(-batch_size // num_devices) * num_devices
-    key = run_key({**settings, "batch_size": batch_size, "n": n, "dtype": dtype})
+    keyed = {**settings, "batch_size": batch_size, "n": n, "dtype": dtype}
+    if group.count > 1:
+        keyed["processes"] = group.count
+    key = run_key(keyed)
     work = out / f".partial-{key}"
-    manifest_path = work / "manifest.json"
-    for stale in out.glob(".partial-*"):
-        if stale != work:
-            shutil.rmtree(stale, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-    if manifest and not all((work / f"{name}.npy").exists() for name in ARRAYS):
+    part = work if group.count == 1 else work / f"process-{group.index}"
+    if group.index == 0:
+        for stale in out.glob(".partial-*"):
+            if stale != work:
+                shutil.rmtree(stale, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+    group.barrier("cleaned")
+    part.mkdir(parents=True, exist_ok=True)
+
+    chunks = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    per = -(-len(chunks) // group.count)
+    mine = chunks[group.index * per : (group.index + 1) * per]
+    lo, hi = (mine[0][0], mine[-1][1]) if mine else (n, n)
+    manifest_path = part / "manifest.json"
+    manifest = _read_json(manifest_path)
+    if manifest and (
+        manifest.get("key") != key or not all((part / f"{a}.npy").exists() for a in ARRAYS)
+    ):
         manifest = None  # stopped while moving the finished arrays out: start over
     num_classes = int(
         jax.eval_shape(lambda x: model(x), jnp.zeros((1, *images.shape[1:]))).shape[-1]
     )
     shapes = {
-        "relevance": ((n, *images.shape[1:]), dtype),
-        "predictions": ((n,), "int32"),
-        "labels": ((n,), "int32"),
-        "targets": ((n,), "int32"),
-        "probabilities": ((n, num_classes), "float32"),
-        "relevance_sum": ((n,), "float32"),
+        "relevance": ((hi - lo, *images.shape[1:]), dtype),
+        "predictions": ((hi - lo,), "int32"),
+        "labels": ((hi - lo,), "int32"),
+        "targets": ((hi - lo,), "int32"),
+        "probabilities": ((hi - lo, num_classes), "float32"),
+        "relevance_sum": ((hi - lo,), "float32"),
     }
     mode = "r+" if manifest else "w+"
-    arrays = {
-        name: np.lib.format.open_memmap(work / f"{name}.npy", mode=mode, dtype=dt, shape=shape)
-        for name, (shape, dt) in shapes.items()
-    }
+    arrays = (
+        {
+            name: np.lib.format.open_memmap(part / f"{name}.npy", mode=mode, dtype=dt, shape=shape)
+            for name, (shape, dt) in shapes.items()
+        }
+        if mine
+        else {}
+    )
     done = set(manifest["done"]) if manifest else set()
-    chunks = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-    todo = [c for c in chunks if c[0] not in done]
+    todo = [c for c in mine if c[0] not in done]
     if done:
-        print(f"resuming: {len(done)} of {len(chunks)} chunks already done in {work}")
+        print(f"resuming: {len(done)} of {len(mine)} chunks already done in {part}")
+
+    def write_manifest(computed: int) -> None:
+        models.write_json(
+            manifest_path,
+            {
+                "key": key, "settings": settings, "done": sorted(done), "range": [lo, hi],
+                "process": group.index, "processes": group.count, "computed": computed,
+            },
+        )  # fmt: skip
+
     t0 = time.perf_counter()
-    bar = tqdm(total=n, initial=n - sum(b - a for a, b in todo), unit="img", disable=not progress)
+    computed = 0
+    write_manifest(computed)
+    bar = tqdm(
+        total=hi - lo, initial=hi - lo - sum(b - a for a, b in todo), unit="img",
+        disable=not progress,
+    )  # fmt: skip
     for start, stop in todo:
         x = images[start:stop]
         if target == "pred":
@@ -150,27 +326,85 @@ def explain_dataset(
             t = np.concatenate([t, np.zeros(pad, np.int32)])
         relevance, probs, targets = jax.device_get(step(state, x, t))
         k = stop - start
-        arrays["relevance"][start:stop] = relevance[:k].astype(dtype)
-        arrays["probabilities"][start:stop] = probs[:k]
-        arrays["predictions"][start:stop] = probs[:k].argmax(-1)
-        arrays["targets"][start:stop] = targets[:k]
-        arrays["labels"][start:stop] = labels[start:stop]
-        arrays["relevance_sum"][start:stop] = relevance[:k].reshape(k, -1).sum(-1)
-        for a in arrays.values():
-            a.flush()
+        a, b = start - lo, stop - lo
+        arrays["relevance"][a:b] = relevance[:k].astype(dtype)
+        arrays["probabilities"][a:b] = probs[:k]
+        arrays["predictions"][a:b] = probs[:k].argmax(-1)
+        arrays["targets"][a:b] = targets[:k]
+        arrays["labels"][a:b] = labels[start:stop]
+        arrays["relevance_sum"][a:b] = relevance[:k].reshape(k, -1).sum(-1)
+        for arr in arrays.values():
+            arr.flush()
         done.add(start)
-        models.write_json(manifest_path, {"key": key, "settings": settings, "done": sorted(done)})
+        computed += k
+        write_manifest(computed)
         bar.update(k)
     bar.close()
+    for arr in arrays.values():
+        arr.flush()
+    del arrays
+    group.barrier("computed")
     seconds = time.perf_counter() - t0
 
-    for a in arrays.values():
-        a.flush()
-    del arrays
-    for name in ARRAYS:
-        os.replace(work / f"{name}.npy", out / f"{name}.npy")
-    shutil.rmtree(work, ignore_errors=True)
+    if group.index == 0:
+        if group.count == 1:
+            for name in ARRAYS:
+                os.replace(work / f"{name}.npy", out / f"{name}.npy")
+            total_computed = computed
+        else:
+            total_computed = _merge(work, out, group.count, chunks, per, shapes, n)
+        shutil.rmtree(work, ignore_errors=True)
+        summary = _finish(
+            out, images, n, seconds, total_computed, settings, group, class_names, num_classes,
+            figures, model, composite, init, compare,
+        )  # fmt: skip
+    group.barrier("written")
+    if group.index != 0:
+        summary = json.loads((out / "summary.json").read_text())
+    return summary
 
+
+def _merge(work: Path, out: Path, count: int, chunks, per: int, shapes: dict, n: int) -> int:
+    """Process 0: join every process's share into ``out``; returns the images computed."""
+    computed = 0
+    ranges = []
+    for p in range(count):
+        share = chunks[p * per : (p + 1) * per]
+        if not share:
+            continue
+        manifest = _read_json(work / f"process-{p}" / "manifest.json") or {}
+        missing = {a for a, _ in share} - set(manifest.get("done", []))
+        if missing:
+            raise RuntimeError(
+                f"process {p} left {len(missing)} of its {len(share)} chunks undone in "
+                f"{work / f'process-{p}'}; rerun the same command on all processes to resume"
+            )
+        computed += int(manifest.get("computed", 0))
+        ranges.append((p, share[0][0], share[-1][1]))
+    merged = work / "merged"
+    merged.mkdir(exist_ok=True)
+    for name in ARRAYS:
+        (_, *rest), dt = shapes[name]
+        dst = np.lib.format.open_memmap(
+            merged / f"{name}.npy", mode="w+", dtype=dt, shape=(n, *rest)
+        )
+        for p, lo, hi in ranges:
+            src = np.load(work / f"process-{p}" / f"{name}.npy", mmap_mode="r")
+            for a in range(0, hi - lo, 1024):
+                dst[lo + a : lo + min(a + 1024, hi - lo)] = src[a : a + 1024]
+            del src
+        dst.flush()
+        del dst
+    for name in ARRAYS:
+        os.replace(merged / f"{name}.npy", out / f"{name}.npy")
+    return computed
+
+
+def _finish(
+    out: Path, images, n: int, seconds: float, computed: int, settings: dict, group, class_names,
+    num_classes: int, figures: int, model, composite, init, compare,
+) -> dict:  # fmt: skip
+    """Process 0: the summary and the figures from the final arrays."""
     result = {name: np.load(out / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
     known = result["labels"] >= 0
     accuracy = (
@@ -190,8 +424,9 @@ def explain_dataset(
             )
         ),
         "seconds": seconds,
-        "images_per_second": sum(b - a for a, b in todo) / seconds if todo else None,
-        "devices": [str(d) for d in jax.local_devices()],
+        "images_per_second": computed / seconds if computed else None,
+        "processes": group.count,
+        "devices": [str(d) for d in jax.devices()],
         "settings": settings,
         "files": {name: f"{name}.npy" for name in ARRAYS}
         | {
@@ -199,7 +434,9 @@ def explain_dataset(
             "class_means": "class_means.png",
         },
     }
-    _figures(out, images, result, class_names, num_classes, figures)
+    if class_names is None or len(class_names) != num_classes:
+        class_names = [str(i) for i in range(num_classes)]
+    _figures(out, images, result, list(class_names), num_classes, figures)
     models.write_json(out / "summary.json", summary)
     return summary
 

@@ -132,7 +132,11 @@ def grid_figure(
         rows, 3 * per_row, figsize=(3 * per_row * 1.6, rows * 1.8), squeeze=False
     )
     over = overlay(images, h, cmap=cmap)
-    names = class_names or [str(i) for i in range(1000)]
+    names = list(class_names or [])
+
+    def name(k: int) -> str:  # a class beyond the names given is shown by its index
+        return names[k] if 0 <= k < len(names) else str(k)
+
     for ax in axes.ravel():
         ax.axis("off")
     for i in range(n):
@@ -143,10 +147,10 @@ def grid_figure(
         a_over.imshow(np.clip(over[i], 0, 1))
         title = []
         if labels is not None:
-            title.append(f"true {names[int(labels[i])]}")
+            title.append(f"true {name(int(labels[i]))}")
         if predictions is not None:
             p = f" {float(probabilities[i]):.2f}" if probabilities is not None else ""
-            title.append(f"pred {names[int(predictions[i])]}{p}")
+            title.append(f"pred {name(int(predictions[i]))}{p}")
         a_img.set_title("\n".join(title), fontsize=7)
     fig.tight_layout()
     if path is not None:
@@ -161,29 +165,41 @@ def class_mean_figure(
     class_names: Sequence[str],
     counts: Sequence[int] | None = None,
     cmap: str = "bwr",
+    max_classes: int = 20,
     path: str | os.PathLike | None = None,
 ):
     """One heatmap per class (e.g. the mean channel-summed relevance of its images).
 
+    With more than `max_classes` classes, the `max_classes` with the most images (by
+    `counts`; else the first) are shown, in class order, and the title says so.
+
     Args:
       mean_maps: (K, H, W) per-class mean maps (any scale; each is normalised for display).
+      class_names: K names.
+      counts: images per class, shown in the titles.
     """
     import matplotlib.pyplot as plt
 
     h = normalize(clip_quantile(mean_maps, 0.99))
-    k = len(h)
+    total = len(h)
+    shown = np.arange(total)
+    if total > max_classes:
+        order = np.argsort(-np.asarray(counts), kind="stable") if counts is not None else shown
+        shown = np.sort(order[:max_classes])
+    k = len(shown)
     cols = min(k, 5)
     rows = (k + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.0), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for i in range(k):
-        ax = axes.ravel()[i]
-        ax.imshow(h[i], cmap=colormap(cmap), vmin=-1, vmax=1)
-        ax.set_title(
-            class_names[i] + (f" (n={counts[i]})" if counts is not None else ""), fontsize=8
-        )
-    fig.suptitle("mean relevance per true class", fontsize=9)
+    for ax, c in zip(axes.ravel(), shown, strict=False):
+        ax.imshow(h[c], cmap=colormap(cmap), vmin=-1, vmax=1)
+        label = class_names[c] if c < len(class_names) else str(c)
+        ax.set_title(label + (f" (n={counts[c]})" if counts is not None else ""), fontsize=8)
+    title = "mean relevance per true class"
+    if k < total:
+        title += f" ({k} of {total} classes: those with the most images)"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

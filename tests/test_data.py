@@ -300,28 +300,100 @@ def test_archive_with_broken_deflate_stream(folder, tmp_path):
 # --- tensorflow-datasets -------------------------------------------------------------------
 
 
-def test_cifar10_without_download_raises(monkeypatch):
+def test_cifar10_without_download_raises_one_line_and_leaves_nothing(monkeypatch, tmp_path):
+    """TensorFlow present (pretended), no internet: one line; tfds's folders are removed."""
     tfds = pytest.importorskip("tensorflow_datasets")
     calls = []
+    tfds_dir = tmp_path / "tfds"
+    tfds_dir.mkdir()
+    (tfds_dir / "mnist").mkdir()  # there before: must stay
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
 
     def offline(*args, **kwargs):
         calls.append((args, kwargs))
+        (Path(kwargs["data_dir"]) / "cifar10" / "3.0.2").mkdir(parents=True)  # as tfds does
+        (Path(kwargs["data_dir"]) / "downloads").mkdir()
         raise ConnectionError("no internet here")
 
+    monkeypatch.setattr(data, "_missing_module", lambda name: False)
     monkeypatch.setattr(tfds, "load", offline)
     with pytest.raises(DataUnavailableError) as info:
         data.load("cifar10", "test")
     assert calls and calls[0][0][0] == "cifar10"
     assert calls[0][1]["split"] == "test"
-    assert "no internet here" in str(info.value)
+    assert "no internet here" in str(info.value) and "internet" in str(info.value)
+    assert "\n" not in str(info.value)
     assert_names_both_ways(info.value)
+    assert sorted(p.name for p in tfds_dir.iterdir()) == ["mnist"]
+
+
+def test_cifar10_without_tensorflow_says_what_to_install(monkeypatch, tmp_path):
+    """tensorflow-datasets without TensorFlow (as here): one line naming the install."""
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # import fails
+    with pytest.raises(DataUnavailableError) as info:
+        data.load("cifar10", "test")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "needs tensorflow (not installed)" in message
+    assert "pip install 'lrpjax[tfds]'" in message
+    assert_names_both_ways(info.value)
+    assert not (tmp_path / "tfds").exists() and not (tmp_path / "home").exists()
 
 
 def test_cifar10_without_tfds_raises(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
     with pytest.raises(DataUnavailableError) as info:
         data.load("cifar10", "train")
+    assert "tensorflow_datasets" in str(info.value)
     assert_names_both_ways(info.value)
+
+
+# --- labels by class name ------------------------------------------------------------------
+
+CIFAR10 = data.CIFAR10_CLASSES
+
+
+def test_image_folder_labels_by_class_name(folder, image_folder_expected):
+    """cat/airplane/dog: CIFAR-10 indices 3/0/5, not the folder order 1/0/2."""
+    images, labels = data.image_folder(folder, "test", progress=False, class_names=CIFAR10)
+    exp_images, exp_labels = image_folder_expected["test"]
+    np.testing.assert_array_equal(images, exp_images.astype(np.float32) / 255.0)
+    by_name = np.array([CIFAR10.index(n) for n in ("airplane", "cat", "dog")])
+    np.testing.assert_array_equal(labels, by_name[exp_labels])
+    assert labels.dtype == np.int32
+    # the cached decode gives the same (class names are cached too)
+    again = data.load(folder, "test", progress=False, class_names=CIFAR10)[1]
+    np.testing.assert_array_equal(again, labels)
+    _, _, classes = data.load_with_classes(folder, "test", progress=False)
+    assert classes == ["airplane", "cat", "dog"]
+
+
+def test_image_folder_with_an_unknown_class_names_it(folder):
+    (folder / "test" / "cat").rename(folder / "test" / "kitten")
+    with pytest.raises(DataUnavailableError, match="'kitten'") as info:
+        data.image_folder(folder, "test", progress=False, class_names=CIFAR10)
+    assert "not among the model's 10 classes" in str(info.value)
+    assert "'dog'" not in str(info.value)
+
+
+def test_match_classes_keeps_unknown_labels():
+    labels = np.array([0, 1, -1, 1], np.int32)
+    out = data.match_classes(labels, ["b", "a"], ["a", "x", "b"])
+    np.testing.assert_array_equal(out, [2, 0, -1, 0])
+
+
+def test_old_cache_without_class_names_is_decoded_again(folder, image_folder_expected):
+    data.image_folder(folder, "test", progress=False)
+    cached = folder / ".test-decoded.npz"
+    with np.load(cached) as npz:
+        old = {k: npz[k] for k in npz.files if k != "classes"}
+    np.savez(cached, **old)
+    _, labels = data.image_folder(folder, "test", progress=False, class_names=CIFAR10)
+    assert labels.max() == CIFAR10.index("dog")
+    with np.load(cached) as npz:
+        assert list(npz["classes"]) == ["airplane", "cat", "dog"]
 
 
 def test_image_folder_does_not_import_tensorflow(folder):

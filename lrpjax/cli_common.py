@@ -1,0 +1,296 @@
+"""What the ``lrpjax`` subcommands share: input errors, model and data options, distributed setup.
+
+`lrpjax.cli` (``lrpjax explain``) and `lrpjax.evaluate` (``lrpjax evaluate``) both import
+this module; it imports neither of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "CLIError",
+    "Data",
+    "Fitted",
+    "LoadedModel",
+    "add_data_arguments",
+    "add_model_arguments",
+    "check_writable",
+    "fit_data",
+    "init_distributed",
+    "load_data",
+    "load_model",
+    "model_identity",
+    "parse_target",
+]
+
+
+class CLIError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--checkpoint``."""
+    from lrpjax.models import SHIPPED
+
+    p.add_argument(
+        "--model",
+        help="a shipped model (" + ", ".join(SHIPPED) + "; the default), or "
+        "package.module:factory, a function that builds your own Flax NNX model (its weights "
+        "from lrpjax.models.save in --checkpoint)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="weight file (from lrpjax.models.save or `python -m train`); without --model, "
+        "its header must name a MiniVGG",
+    )
+
+
+def add_data_arguments(p: argparse.ArgumentParser, verb: str = "explain") -> None:
+    """``--dataset`` or ``--data-dir``, ``--split`` and ``--limit``."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--dataset", choices=["cifar10"], help="a tensorflow-datasets dataset")
+    src.add_argument("--data-dir", help="image folder (split/class/image) or a .tar.gz of one")
+    p.add_argument("--split", default="test", help=f"split to {verb} (default: test)")
+    p.add_argument("--limit", type=int, help=f"{verb} only the first N images")
+
+
+def check_writable(out: Path) -> None:
+    """Create `out` if needed and check that files can be written in it.
+
+    Raises:
+      CLIError: it cannot be created or written.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise CLIError(f"output folder {out} is not writable: {e.strerror or e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to explain, and what the command line knows about it.
+
+    Attributes:
+      model: in eval mode.
+      header: its weight file's JSON header.
+      identity: a string that changes when the weights change (resume keys).
+      description: for messages, e.g. ``"minivgg"`` or the checkpoint path.
+    """
+
+    model: object
+    header: dict
+    identity: str
+    description: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """One input's shape from the header (None where the header does not say)."""
+        shape = self.header.get("input_shape")
+        if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+            return tuple(shape)
+        return None
+
+
+def model_identity(path: str | os.PathLike | None, name: str = "minivgg") -> str:
+    """A string naming the weights: the shipped model's name, or file path, size and mtime."""
+    if path is None:
+        return "shipped" if name == "minivgg" else f"shipped:{name}"
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    """The model that ``--model`` and ``--checkpoint`` name (default: the shipped miniVGG).
+
+    Raises:
+      CLIError: an unknown shipped name, a factory without ``--checkpoint``.
+      lrpjax.models.ModelFileError: a missing, corrupt or mismatching weight file.
+    """
+    from lrpjax import models
+
+    spec = getattr(args, "model", None)
+    checkpoint = getattr(args, "checkpoint", None)
+    if spec is not None and ":" not in spec:
+        if spec not in models.SHIPPED:
+            raise CLIError(
+                f"unknown model {spec!r}; shipped models: {', '.join(models.SHIPPED)} "
+                "(or package.module:factory with --checkpoint)"
+            )
+        if checkpoint is None:
+            model, header = models.load_shipped(spec)
+            return LoadedModel(model, header, model_identity(None, spec), spec)
+        factory = models.SHIPPED[spec].factory
+    elif spec is not None:
+        if checkpoint is None:
+            raise CLIError(f"--model {spec} needs --checkpoint FILE (saved by lrpjax.models.save)")
+        try:
+            factory = models.import_factory(spec)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    else:
+        if checkpoint is None:
+            model, header = models.load_shipped("minivgg")
+            return LoadedModel(model, header, model_identity(None), "minivgg")
+        factory = None
+    try:
+        model = models.load(checkpoint, factory=factory)
+    except models.ModelFileError:
+        raise
+    except Exception as e:  # a user's factory may fail in any way
+        raise CLIError(
+            f"--model {spec}: building the model failed: {type(e).__name__}: {e}"
+        ) from None
+    return LoadedModel(
+        model, models.read_header(checkpoint), model_identity(checkpoint), str(checkpoint)
+    )
+
+
+class Data(NamedTuple):
+    """Images as the data options name them, labelled in the data's own class numbering."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]  # labels index into these
+    source: str  # for messages and resume keys
+
+
+def load_data(args: argparse.Namespace) -> Data:
+    """The images the data options name (default: the shipped sample).
+
+    Args:
+      args: with ``dataset``, ``data_dir``, ``split``, ``limit``, ``no_progress``.
+
+    Raises:
+      CLIError: a bad ``--limit``.
+      lrpjax.data.DataUnavailableError: no data.
+    """
+    from lrpjax import data
+
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be positive, got {args.limit}")
+    if args.dataset or args.data_dir:
+        source = args.dataset or args.data_dir
+        images, labels, classes = data.load_with_classes(
+            source, args.split, progress=not args.no_progress
+        )
+        name = f"{source}:{args.split}"
+    else:
+        images, labels = data.sample()
+        classes = list(data.CIFAR10_CLASSES)
+        name = "shipped-sample"
+    if args.limit is not None:
+        images, labels = images[: args.limit], labels[: args.limit]
+    return Data(images, labels, list(classes), name)
+
+
+class Fitted(NamedTuple):
+    """Data checked against a model, labelled by the model's class names."""
+
+    images: np.ndarray
+    labels: np.ndarray  # indices into class_names (-1: unknown)
+    class_names: tuple[str, ...]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def fit_data(loaded: LoadedModel, data_: Data) -> Fitted:
+    """Check the images against the model and label them by the model's class names.
+
+    The class count is the model's output size on these images; the names come from the
+    weight file's header (`lrpjax.models.class_names_of`). Data classes are matched by name.
+
+    Raises:
+      ValueError: images of the wrong shape or values, or a model that cannot take them.
+      lrpjax.data.DataUnavailableError: a class of the data that the model does not know.
+    """
+    from lrpjax import data, models
+
+    shape = loaded.input_shape or (
+        models.INPUT_SHAPE if isinstance(loaded.model, models.MiniVGG) else None
+    )
+    models.check_images(data_.images, shape)
+    num_classes = models.output_size(loaded.model, data_.images.shape[1:])
+    class_names = models.class_names_of(loaded.header, num_classes)
+    labels = data_.labels
+    if list(data_.classes) != list(class_names):
+        labels = data.match_classes(labels, data_.classes, class_names, data_.source)
+    return Fitted(data_.images, labels, class_names, data_.source)
+
+
+def parse_target(value: str, num_classes: int) -> str | int:
+    """``pred``, ``label`` or a class index checked against the model's class count."""
+    if value in ("pred", "label"):
+        return value
+    try:
+        t = int(value)
+    except ValueError:
+        raise CLIError(f"--target must be pred, label or a class index, got {value!r}") from None
+    if not 0 <= t < num_classes:
+        raise CLIError(f"--target {t} is outside the classes 0..{num_classes - 1}")
+    return t
+
+
+def _env_int(name: str, value: int | None) -> int | None:
+    if value is not None:
+        return value
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise CLIError(f"{name} must be an integer, got {text!r}") from None
+
+
+def init_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> tuple[int, int]:
+    """`jax.distributed.initialize` with the address, process count and id given or from the
+    environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``);
+    what is still missing, JAX detects on clusters it knows (SLURM, Open MPI, ...).
+
+    Must run before anything touches a JAX backend. ``JAX_COORDINATOR_BIND_ADDRESS`` (read
+    by JAX) sets the interface process 0's coordinator listens on (default: all).
+
+    Returns:
+      (process index, process count).
+
+    Raises:
+      CLIError: malformed settings, or the processes could not connect.
+    """
+    import jax
+
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    num_processes = _env_int("JAX_NUM_PROCESSES", num_processes)
+    process_id = _env_int("JAX_PROCESS_ID", process_id)
+    if num_processes is not None and num_processes < 1:
+        raise CLIError(f"the process count must be positive, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise CLIError(f"process id {process_id} is outside 0..{num_processes - 1}")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
+    except (RuntimeError, ValueError, TypeError) as e:
+        detail = " ".join(str(e).split())[:400]
+        raise CLIError(
+            f"jax.distributed.initialize() failed: {detail} (set "
+            "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run "
+            "under a cluster JAX detects)"
+        ) from None
+    return jax.process_index(), jax.process_count()

@@ -1,0 +1,233 @@
+"""``lrpjax explain --distributed`` with two real processes on 127.0.0.1.
+
+Each process gets 2 simulated CPU devices (4 in all), the coordinator listens on 127.0.0.1
+only, and the processes find each other as the README says: ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in the environment. The data is an image folder
+of 240 images in 8 of CIFAR-10's classes; the result must equal a one-process run.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lrpjax import cli, data, pipeline
+
+CLASSES = ("airplane", "bird", "cat", "deer", "dog", "frog", "ship", "truck")
+PER_CLASS, BATCH = 30, 32  # 240 images, 8 chunks: 4 per process
+N = PER_CLASS * len(CLASSES)
+TIMEOUT = 240  # seconds for one two-process run
+
+#: One process: counts the images each compiled step gets (sha1 of each real row; padding
+#: rows are zeros), optionally dies (as kill -9 would) at a given step, then runs the CLI.
+DRIVER = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    from lrpjax import cli, pipeline
+
+    report, die_at = sys.argv[1], int(os.environ.get("DIE_AT_STEP", "0"))
+    steps, hashes = [0], []
+    real = pipeline.make_step
+
+    def make_step(*args, **kwargs):
+        step, state, num_devices = real(*args, **kwargs)
+
+        def spy(state, x, target):
+            if steps[0] + 1 == die_at:
+                os._exit(9)
+            steps[0] += 1
+            hashes.extend(hashlib.sha1(row.tobytes()).hexdigest() for row in x if row.any())
+            return step(state, x, target)
+
+        return spy, state, num_devices
+
+    pipeline.make_step = make_step
+    rc = cli.main(sys.argv[2:])
+    with open(report, "w") as f:
+        json.dump({"rc": rc, "steps": steps[0], "hashes": hashes}, f)
+    sys.exit(rc)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def row_hash(image: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image, np.float32).tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """240 distinct 32x32 images in test/<class>/ for 8 CIFAR-10 classes (not all ten)."""
+    x, y = data.sample()
+    root = tmp_path_factory.mktemp("dist-data")
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        k = data.CIFAR10_CLASSES.index(name)
+        base = x[y == k]
+        (root / "test" / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            img = np.roll(base[i % len(base)], shift=(i // len(base)) * 3, axis=1)
+            pixels = np.clip(img * 255 + rng.integers(0, 2, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "test" / name / f"{i:03d}.png")
+    return root
+
+
+ARGS = ["explain", "--batch-size", str(BATCH), "--target", "label", "--no-progress"]
+
+
+def start(folder: Path, out: Path, tmp: Path, die: dict[int, int] | None = None):
+    """Start the two processes; returns them with their report files."""
+    port = free_port()
+    script = tmp / "driver.py"
+    script.write_text(DRIVER)
+    procs = []
+    for i in range(2):
+        env = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(i),
+            "DIE_AT_STEP": str((die or {}).get(i, 0)),
+        }
+        report = tmp / f"report-{i}-{time.monotonic_ns()}.json"
+        argv = [sys.executable, str(script), str(report), *ARGS]
+        argv += ["--data-dir", str(folder), "--out", str(out), "--distributed"]
+        procs.append((subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True), report))  # fmt: skip
+    return procs
+
+
+def finish(procs) -> list[dict]:
+    results = []
+    for proc, report in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for p, _ in procs:
+                p.kill()
+            pytest.fail("a process of the two-process run did not finish in time")
+        results.append(
+            {"rc": proc.returncode, "stdout": stdout, "stderr": stderr}
+            | (json.loads(report.read_text()) if report.exists() else {})
+        )
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_process(folder, tmp_path_factory) -> Path:
+    """The same command on one process (this one), without --distributed."""
+    out = tmp_path_factory.mktemp("one") / "out"
+    code = cli.main([*ARGS, "--data-dir", str(folder), "--out", str(out)])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(folder) -> np.ndarray:
+    return data.load(folder, "test", progress=False)[0]
+
+
+def listing(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+
+def assert_same_result(out: Path, reference: Path) -> None:
+    """Same files, same labels/predictions/targets, relevance equal relative to each image."""
+    assert listing(out) == listing(reference)
+    for name in ("labels", "predictions", "targets"):
+        np.testing.assert_array_equal(
+            np.load(out / f"{name}.npy"), np.load(reference / f"{name}.npy"), err_msg=name
+        )
+    np.testing.assert_allclose(
+        np.load(out / "probabilities.npy"), np.load(reference / "probabilities.npy"), atol=1e-5
+    )
+    got, expected = np.load(out / "relevance.npy"), np.load(reference / "relevance.npy")
+    assert got.shape == expected.shape == (N, 32, 32, 3)
+    scale = np.abs(expected).max(axis=(1, 2, 3), keepdims=True)
+    assert (scale > 0).all()
+    np.testing.assert_array_less(np.abs(got - expected), np.broadcast_to(1e-4 * scale, got.shape))
+
+
+def test_two_processes_explain_every_image_once_into_one_result(
+    folder, one_process, images, tmp_path
+):
+    out = tmp_path / "out"
+    results = finish(start(folder, out, tmp_path))
+    for i, r in enumerate(results):
+        assert r["rc"] == 0, r["stderr"][-3000:]
+        assert f"process {i} of 2: explained {N} images" in r["stdout"], r["stdout"]
+
+    # Every image explained exactly once, process 0 the first 4 chunks, process 1 the rest.
+    expected = [row_hash(im) for im in images]
+    assert len(set(expected)) == N
+    seen = results[0]["hashes"] + results[1]["hashes"]
+    assert collections.Counter(seen) == collections.Counter(expected)
+    assert results[0]["hashes"] == expected[: 4 * BATCH]
+    assert results[1]["hashes"] == expected[4 * BATCH :]
+    assert [r["steps"] for r in results] == [4, 4]
+
+    # One result, laid out as a one-process run's, with the same numbers.
+    assert_same_result(out, one_process)
+    summary = json.loads((out / "summary.json").read_text())
+    reference = json.loads((one_process / "summary.json").read_text())
+    assert summary["images"] == N and summary["processes"] == 2
+    assert len(summary["devices"]) == 4
+    assert summary["accuracy"] == pytest.approx(reference["accuracy"])
+    # Labels by class name: cat is CIFAR-10 class 3 although it is the folder's third class.
+    labels = np.load(out / "labels.npy")
+    assert sorted(set(labels.tolist())) == [data.CIFAR10_CLASSES.index(c) for c in CLASSES]
+    assert summary["accuracy"] > 0.5
+
+
+def test_killed_process_resumes_only_its_missing_chunks(folder, one_process, tmp_path):
+    out = tmp_path / "out"
+    procs = start(folder, out, tmp_path, die={1: 2})  # process 1 dies before its 2nd step
+    (p0, _), (p1, _) = procs
+    p1.wait(timeout=TIMEOUT)
+    assert p1.returncode == 9
+    (work,) = out.glob(".partial-*")
+    manifest0 = work / "process-0" / "manifest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p0.poll() is None:
+        if manifest0.exists() and len(json.loads(manifest0.read_text())["done"]) == 4:
+            break  # process 0 has done its share and waits for process 1
+        time.sleep(0.5)
+    if p0.poll() is None:
+        p0.send_signal(signal.SIGKILL)  # as a scheduler ends the job when one task dies
+    p0.wait(timeout=60)
+    assert not (out / "relevance.npy").exists() and not (out / "summary.json").exists()
+    done = [
+        set(json.loads((work / f"process-{i}" / "manifest.json").read_text())["done"])
+        for i in range(2)
+    ]
+    assert done[1] == {4 * BATCH}  # process 1 finished its first chunk only
+    missing = [4 - len(done[0]), 4 - len(done[1])]
+
+    results = finish(start(folder, out, tmp_path))
+    for r in results:
+        assert r["rc"] == 0, r["stderr"][-3000:]
+    assert [r["steps"] for r in results] == missing
+    assert "resuming: 1 of 4 chunks" in results[1]["stdout"]
+    assert_same_result(out, one_process)
+    assert not list(out.glob(".partial-*")) and not (out / pipeline.LOCK_NAME).exists()
