@@ -430,3 +430,211 @@ def test_explain_refuses_nan(pretrained):
     x[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         lrpjax.explain(pretrained, x)
+
+
+# --- a lock on the output folder ----------------------------------------------------------
+
+HOLD_LOCK = (
+    "import sys; from lrpjax.pipeline import lock_output\n"
+    "with lock_output(sys.argv[1]):\n"
+    "    print('locked', flush=True); sys.stdin.read()\n"
+)
+
+
+def test_second_run_on_a_locked_folder_fails_and_changes_nothing(tmp_path, default_run):
+    out = tmp_path / "out"
+    shutil.copytree(default_run[0], out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(out)
+        code, stdout, stderr = explain_cli(out)
+        assert code == 2, stderr
+        assert stderr.startswith("error: output folder") and "in use by another" in stderr
+        assert f"pid {holder.pid}" in stderr
+        assert len(stderr.strip().splitlines()) == 1 and stdout == ""
+        assert snapshot(out) == before
+    finally:
+        holder.communicate("", timeout=60)
+    assert not (out / pipeline.LOCK_NAME).exists()  # removed by its holder
+    code, _, stderr = explain_cli(out, "--target", "3")  # free again: runs
+    assert code == 0, stderr
+    assert not (out / pipeline.LOCK_NAME).exists()
+
+
+def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / pipeline.LOCK_NAME).write_text("pid 1 on elsewhere")  # no process holds it
+    code, _, stderr = explain_cli(out)
+    assert code == 0, stderr
+    assert (out / "summary.json").is_file() and not (out / pipeline.LOCK_NAME).exists()
+
+
+# --- any model, labels by class name ------------------------------------------------------
+
+#: The README's example of a user-defined model (a module on the current directory).
+MYNETS = """
+from flax import nnx
+
+from lrpjax.layers import Flatten, ReLU
+
+
+class SmallNet(nnx.Module):
+    def __init__(self, num_classes: int, *, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), strides=(4, 4), rngs=rngs)
+        self.relu = ReLU()
+        self.flatten = Flatten()
+        self.dense = nnx.Linear(8 * 8 * 4, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(self.flatten(self.relu(self.conv(x))))
+
+
+def make_net():
+    return SmallNet(3, rngs=nnx.Rngs(0))
+
+
+def make_wide():
+    return SmallNet(100, rngs=nnx.Rngs(0))
+
+
+class Other(SmallNet):
+    pass
+
+
+def make_other():
+    return Other(3, rngs=nnx.Rngs(0))
+"""
+
+
+@pytest.fixture
+def mynets(tmp_path, monkeypatch):
+    """`mynets.py` in the current directory, as a user would have it; returns the module."""
+    import importlib
+
+    (tmp_path / "mynets.py").write_text(MYNETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("mynets", None)
+    module = importlib.import_module("mynets")
+    yield module
+    sys.modules.pop("mynets", None)
+
+
+def test_user_model_with_its_class_names(tmp_path, mynets, image_folder, image_folder_expected):
+    """A 3-class model whose classes are named in another order than the folder's."""
+    from flax import nnx
+
+    model = mynets.SmallNet(3, rngs=nnx.Rngs(3))
+    names = ["dog", "airplane", "cat"]
+    models.save(model, "mynet.npz", class_names=names, input_shape=(32, 32, 3))
+    out = tmp_path / "out"
+    code, _stdout, err = run_cli(
+        "explain", "--model", "mynets:make_net", "--checkpoint", "mynet.npz",
+        "--data-dir", image_folder, "--target", "label", "--batch-size", "8",
+        "--no-progress", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    images, folder_labels = image_folder_expected["test"]  # airplane, cat, dog = 0, 1, 2
+    labels = np.array([names.index(c) for c in ("airplane", "cat", "dog")])[folder_labels]
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), labels)
+    np.testing.assert_array_equal(np.load(out / "targets.npy"), labels)
+    assert np.load(out / "probabilities.npy").shape == (len(labels), 3)
+    expected = np.asarray(lrpjax.explain(model, images.astype(np.float32) / 255.0, target=labels))
+    np.testing.assert_allclose(np.load(out / "relevance.npy"), expected, rtol=1e-4, atol=1e-6)
+    assert (out / "heatmaps.png").read_bytes()[:8] == PNG_MAGIC
+
+    code, _, err = run_cli(
+        "explain", "--model", "mynets:make_net", "--checkpoint", "mynet.npz",
+        "--data-dir", image_folder, "--target", "3", "--out", tmp_path / "out3",
+    )  # fmt: skip
+    assert code == 2 and "error: --target 3 is outside the classes 0..2" in err, err
+
+
+def test_hundred_classes_end_to_end(tmp_path, mynets):
+    """A 100-class model: labels by name, figures with a readable subset, a summary."""
+    from flax import nnx
+
+    names = [f"c{i}" for i in range(100)]
+    models.save(mynets.SmallNet(100, rngs=nnx.Rngs(1)), "wide.npz", class_names=names)
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for name in ("c7", "c42", "c99"):
+        (root / "test" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "test" / name / f"{i}.png")
+    out = tmp_path / "out"
+    code, _stdout, err = run_cli(
+        "explain", "--model", "mynets:make_wide", "--checkpoint", "wide.npz", "--data-dir",
+        root, "--target", "57", "--no-progress", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    # folders in sorted order, c42 < c7 < c99; each labelled with its class's index
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), np.repeat([42, 7, 99], 3))
+    np.testing.assert_array_equal(np.load(out / "targets.npy"), np.full(9, 57))
+    assert np.load(out / "probabilities.npy").shape == (9, 100)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 9 and summary["settings"]["target"] == 57
+    for png in ("heatmaps.png", "class_means.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_unknown_folder_class_is_an_error_naming_it(tmp_path, default_run):
+    root = small_image_folder(tmp_path / "imgs", 32, "RGB")  # cat, dog
+    (root / "test" / "dog").rename(root / "test" / "wolf")
+    out = tmp_path / "out"
+    shutil.copytree(default_run[0], out)
+    before = snapshot(out)
+    code, _stdout, err = explain_cli(out, "--data-dir", root)
+    assert code == 2
+    assert err.startswith("error: class 'wolf' of ") and "'cat'" not in err, err
+    assert "not among the model's 10 classes" in err
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "resnet"], "unknown model 'resnet'; shipped models: minivgg"),
+        (["--model", "mynets:make_net"], "--model mynets:make_net needs --checkpoint"),
+        (["--model", "nosuchmodule:make", "--checkpoint", "w.npz"], "cannot import"),
+        (["--model", "mynets:nothing", "--checkpoint", "w.npz"], "has no 'nothing'"),
+        (["--model", "mynets:make_other", "--checkpoint", "w.npz"],
+         "holds a 'SmallNet' model, but the factory builds 'Other'"),
+        (["--model", "minivgg", "--checkpoint", "w.npz"],
+         "holds a 'SmallNet' model, but the factory builds 'MiniVGG'"),
+        (["--checkpoint", "w.npz"], "holds a 'SmallNet' model, not MiniVGG"),
+    ],
+    ids=["unknown-name", "no-checkpoint", "no-module", "no-factory", "other-class",
+         "shipped-arch", "no-model"],
+)  # fmt: skip
+def test_bad_model_options(tmp_path, mynets, args, message):
+    models.save(mynets.make_net(), "w.npz")
+    code, _stdout, err = run_cli("explain", *BASE, "--out", tmp_path / "out", *args)
+    assert code == 2, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert message in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_model_minivgg_is_the_default(tmp_path, default_run):
+    code, _, err = explain_cli(tmp_path / "out", "--model", "minivgg")
+    assert code == 0, err
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "out" / "relevance.npy"), np.load(default_run[0] / "relevance.npy")
+    )
+
+
+def test_evaluate_does_not_import_cli():
+    code = (
+        "import sys, lrpjax.evaluate, lrpjax.cli_common\n"
+        "assert 'lrpjax.cli' not in sys.modules, 'cycle'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

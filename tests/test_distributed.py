@@ -231,3 +231,35 @@ def test_killed_process_resumes_only_its_missing_chunks(folder, one_process, tmp
     assert "resuming: 1 of 4 chunks" in results[1]["stdout"]
     assert_same_result(out, one_process)
     assert not list(out.glob(".partial-*")) and not (out / pipeline.LOCK_NAME).exists()
+
+
+def test_distributed_with_one_process(folder, one_process, tmp_path):
+    """``--distributed`` with JAX_NUM_PROCESSES=1 (it used to crash): the plain result."""
+    port = free_port()
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": "1",
+        "JAX_PROCESS_ID": "0",
+    }
+    argv = [*ARGS, "--data-dir", str(folder), "--out", str(out), "--distributed"]
+    code = f"import sys; from lrpjax.cli import main; sys.exit(main({argv!r}))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"explained {N} images" in proc.stdout
+    assert_same_result(out, one_process)
+
+
+def test_distributed_settings_are_checked():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "two"}
+    code = "import sys; from lrpjax.cli import main; sys.exit(main(['explain', '--distributed']))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: JAX_NUM_PROCESSES must be an integer, got 'two'"

@@ -422,3 +422,80 @@ def test_check_images_refuses(x, fragment):
 def test_check_images_accepts(x):
     assert models.check_images(x) is None
     assert models.check_images(jnp.asarray(x)) is None
+
+
+# --- any NNX model ---------------------------------------------------------------------------
+
+
+class TinyNet(nnx.Module):
+    """Not a MiniVGG: saved and loaded through a factory."""
+
+    def __init__(self, num_classes: int = 3, *, rngs: nnx.Rngs):
+        self.flatten = Flatten()
+        self.dense = nnx.Linear(4 * 4 * 3, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(self.flatten(x))
+
+
+class OtherNet(TinyNet):
+    pass
+
+
+def test_any_model_round_trip_with_class_names(tmp_path):
+    m = TinyNet(rngs=nnx.Rngs(5))
+    path = tmp_path / "tiny.npz"
+    models.save(m, path, class_names=["x", "y", "z"], input_shape=(4, 4, 3), note="hi")
+    meta = models.read_header(path)
+    assert meta["architecture"] == "TinyNet" and meta["module"] == __name__
+    assert meta["class_names"] == ["x", "y", "z"] and meta["num_classes"] == 3
+    assert meta["input_shape"] == [4, 4, 3] and meta["note"] == "hi"
+    loaded = models.load(path, factory=lambda: TinyNet(rngs=nnx.Rngs(0)))
+    assert isinstance(loaded, TinyNet)
+    x = np.random.default_rng(0).random((2, 4, 4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(m(x)))
+    assert models.class_names_of(meta, 3) == ("x", "y", "z")
+    assert models.output_size(loaded, (4, 4, 3)) == 3
+
+
+def test_any_model_errors(tmp_path):
+    path = tmp_path / "tiny.npz"
+    models.save(TinyNet(rngs=nnx.Rngs(5)), path)
+    with pytest.raises(ModelFileError, match="holds a 'TinyNet' model, not MiniVGG"):
+        models.load(path)
+    with pytest.raises(ModelFileError, match="holds a 'TinyNet' model, but the factory builds"):
+        models.load(path, factory=lambda: OtherNet(rngs=nnx.Rngs(0)))
+    with pytest.raises(ModelFileError, match="does not fit TinyNet"):
+        models.load(path, factory=lambda: TinyNet(5, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="2 class names for a model with 10 classes"):
+        models.save(MiniVGG(rngs=nnx.Rngs(0)), tmp_path / "m.npz", class_names=["a", "b"])
+    with pytest.raises(ValueError, match="does not take images of shape"):
+        models.output_size(TinyNet(rngs=nnx.Rngs(0)), (8, 8, 3))
+
+
+def test_class_names_fall_back():
+    assert models.class_names_of({"architecture": "MiniVGG"}, 10) == models.CLASS_NAMES
+    assert models.class_names_of({"architecture": "MiniVGG"}, 4) == ("0", "1", "2", "3")
+    assert models.class_names_of({"class_names": ["a"]}, 2) == ("0", "1")  # wrong count
+
+
+def test_shipped_registry_loads_the_minivgg():
+    model, header = models.load_shipped("minivgg")
+    assert isinstance(model, MiniVGG) and header["architecture"] == "MiniVGG"
+    with pytest.raises(ValueError, match="unknown model 'vit'"):
+        models.load_shipped("vit")
+
+
+def test_import_factory(tmp_path, monkeypatch):
+    (tmp_path / "userpkg").mkdir()
+    (tmp_path / "userpkg" / "__init__.py").write_text("")
+    (tmp_path / "userpkg" / "nets.py").write_text(
+        "class A:\n    @staticmethod\n    def make():\n        return 1\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert models.import_factory("userpkg.nets:A.make")() == 1
+    assert str(tmp_path) not in __import__("sys").path[:1]
+    for bad, message in [("nocolon", "expected"), ("userpkg.nets:B", "has no 'B'"),
+                         ("userpkg.missing:f", "cannot import")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            models.import_factory(bad)

@@ -271,3 +271,24 @@ def test_interrupt_while_moving_results_resumes(tmp_path, monkeypatch, pretraine
     )
     expected = np.asarray(lrpjax.explain(pretrained, x))
     np.testing.assert_allclose(np.load(tmp_path / "relevance.npy"), expected, rtol=1e-4, atol=1e-6)
+
+
+# --- the lock on the output folder --------------------------------------------------------
+
+
+def test_locked_output_refuses_before_changing_anything(tmp_path, monkeypatch, pretrained, data20):
+    x, y = data20
+    spy = StepSpy(monkeypatch)
+    with pipeline.lock_output(tmp_path):
+        assert (tmp_path / pipeline.LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(pipeline.OutputLockedError, match="in use by another lrpjax run"):
+            pipeline.explain_dataset(
+                pretrained, x, y, tmp_path, settings=SETTINGS, batch_size=8, progress=False
+            )
+        assert spy.calls == 0
+        assert [p.name for p in tmp_path.iterdir()] == [pipeline.LOCK_NAME]
+    assert not list(tmp_path.iterdir())  # released and removed
+    pipeline.explain_dataset(
+        pretrained, x, y, tmp_path, settings=SETTINGS, batch_size=8, progress=False, figures=4
+    )
+    assert spy.calls == 3 and not (tmp_path / pipeline.LOCK_NAME).exists()

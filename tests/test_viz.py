@@ -123,3 +123,26 @@ def test_unknown_colour_map():
         viz.colormap("viridis")
     with pytest.raises(ValueError, match="unknown colour map"):
         viz.colorize(np.zeros((1, 2, 2)), "nope")
+
+
+def test_grid_figure_names_classes_beyond_the_names_by_index(tmp_path, relevance):
+    """A 100-class model's predictions with 10 names given: no IndexError, indices shown."""
+    images = np.random.default_rng(1).random((2, 8, 6, 3)).astype(np.float32)
+    fig = viz.grid_figure(
+        images, relevance[:2], labels=[3, 57], predictions=[99, 3], class_names=list("abcdefghij")
+    )
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["true d\npred 99", "true 57\npred d"]
+
+
+def test_class_mean_figure_shows_a_readable_subset_of_many_classes():
+    means = np.random.default_rng(3).normal(size=(100, 8, 8)).astype(np.float32)
+    counts = np.zeros(100, int)
+    counts[[5, 17, 99]] = [4, 9, 1]
+    fig = viz.class_mean_figure(
+        means, class_names=[f"k{i}" for i in range(100)], counts=counts, max_classes=20
+    )
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 20
+    assert {"k5 (n=4)", "k17 (n=9)", "k99 (n=1)"} <= set(titles)  # the classes with images
+    assert "20 of 100 classes" in fig._suptitle.get_text()
