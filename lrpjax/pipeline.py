@@ -436,18 +436,43 @@ def _finish(
     }
     if class_names is None or len(class_names) != num_classes:
         class_names = [str(i) for i in range(num_classes)]
-    _figures(out, images, result, list(class_names), num_classes, figures)
+    compared = (model, composite, compare, init) if compare and compare != composite else None
+    _figures(out, images, result, list(class_names), num_classes, figures, compared)
     models.write_json(out / "summary.json", summary)
     return summary
 
 
-def _figures(out: Path, images, result, class_names, num_classes: int, count: int) -> None:
-    """The heatmap grid of `count` images spread over the set, and per-class mean heatmaps."""
+def _figures(
+    out: Path, images, result, class_names, num_classes: int, count: int, compared=None
+) -> None:
+    """The heatmap grid of `count` images spread over the set, and per-class mean heatmaps.
+
+    `compared` is ``(model, composite, other composite, init)``: the grid then
+    shows the saved composite's maps beside the other composite's for the same images and
+    targets (computed here for those images only). If the model has no rule for the other
+    composite, the grid shows the saved maps alone.
+    """
     pick = np.unique(np.linspace(0, len(images) - 1, min(count, len(images))).astype(int))
     labels = result["labels"][pick]
+    relevance = np.asarray(result["relevance"][pick], np.float32)
+    shown = relevance
+    if compared is not None:
+        model, composite, other, init = compared
+        try:
+            extra = np.asarray(
+                engine.explain(
+                    model, images[pick], composite=other, init=init,
+                    target=np.asarray(result["targets"][pick]),
+                ),
+                np.float32,
+            )  # fmt: skip
+            saved = composite if isinstance(composite, str) else "composite"
+            shown = {f"LRP {saved} (saved)": relevance, f"LRP {other}": extra}
+        except engine.LayerError:
+            pass
     viz.grid_figure(
         images[pick],
-        np.asarray(result["relevance"][pick], np.float32),
+        shown,
         labels=labels if (labels >= 0).all() else None,
         predictions=result["predictions"][pick],
         probabilities=result["probabilities"][pick, result["predictions"][pick]],

@@ -8,7 +8,7 @@ channels, clip at a quantile of its magnitude, and scale symmetrically into [-1,
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -107,7 +107,7 @@ def overlay(images: np.ndarray, h: np.ndarray, alpha: float = 0.6, cmap: str = "
 
 def grid_figure(
     images: np.ndarray,
-    relevance: np.ndarray,
+    relevance: np.ndarray | Mapping[str, np.ndarray],
     *,
     labels: Sequence[int] | None = None,
     predictions: Sequence[int] | None = None,
@@ -119,19 +119,28 @@ def grid_figure(
 ):
     """A grid of rows ``image | heatmap | overlay``, two such triples per row.
 
-    Titles give the true class, the predicted class and its probability where known.
-    Returns the matplotlib figure; saved as PNG when `path` is given.
+    With `relevance` a mapping ``{name: (N, H, W, C) relevance}`` (e.g. two composites for
+    the same images), each image is followed by one heatmap per entry instead, headed by its
+    name: ``image | heatmap 1 | heatmap 2 ...``.
+
+    Titles give the true class, the predicted class and its probability where known (a class
+    index beyond `class_names` is shown as the number). Returns the matplotlib figure; saved
+    as PNG when `path` is given.
     """
     import matplotlib.pyplot as plt
 
-    h = heatmap(relevance, q)
+    if isinstance(relevance, Mapping):
+        panels = [(name, heatmap(r, q)) for name, r in relevance.items()]
+    else:
+        h = heatmap(relevance, q)
+        panels = [("heatmap", h), ("overlay", overlay(images, h, cmap=cmap))]
     n = len(images)
+    width = 1 + len(panels)
     per_row = 2
     rows = (n + per_row - 1) // per_row
     fig, axes = plt.subplots(
-        rows, 3 * per_row, figsize=(3 * per_row * 1.6, rows * 1.8), squeeze=False
+        rows, width * per_row, figsize=(width * per_row * 1.6, rows * 1.8), squeeze=False
     )
-    over = overlay(images, h, cmap=cmap)
     names = list(class_names or [])
 
     def name(k: int) -> str:  # a class beyond the names given is shown by its index
@@ -141,17 +150,22 @@ def grid_figure(
         ax.axis("off")
     for i in range(n):
         r, c = divmod(i, per_row)
-        a_img, a_map, a_over = axes[r, 3 * c : 3 * c + 3]
-        a_img.imshow(np.clip(images[i], 0, 1))
-        a_map.imshow(h[i], cmap=colormap(cmap), vmin=-1, vmax=1)
-        a_over.imshow(np.clip(over[i], 0, 1))
+        row = axes[r, width * c : width * c + width]
+        row[0].imshow(np.clip(images[i], 0, 1))
+        for ax, (label, maps) in zip(row[1:], panels, strict=True):
+            if label == "overlay":
+                ax.imshow(np.clip(maps[i], 0, 1))
+            else:
+                ax.imshow(maps[i], cmap=colormap(cmap), vmin=-1, vmax=1)
+            if isinstance(relevance, Mapping) and r == 0:
+                ax.set_title(label, fontsize=7)
         title = []
         if labels is not None:
             title.append(f"true {name(int(labels[i]))}")
         if predictions is not None:
             p = f" {float(probabilities[i]):.2f}" if probabilities is not None else ""
             title.append(f"pred {name(int(predictions[i]))}{p}")
-        a_img.set_title("\n".join(title), fontsize=7)
+        row[0].set_title("\n".join(title), fontsize=7)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

@@ -638,3 +638,45 @@ def test_evaluate_does_not_import_cli():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- the first picture ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("composite", "other"), [("epsilon", "epsilon_gamma_box"), ("epsilon_gamma_box", "epsilon")]
+)
+def test_heatmaps_show_the_saved_composite_beside_the_best_preset(
+    tmp_path, monkeypatch, sample_data, pretrained, composite, other
+):
+    from lrpjax import viz
+
+    shown = {}
+    real = viz.grid_figure
+
+    def spy(images, relevance, **kwargs):
+        shown.update(images=images, relevance=relevance)
+        return real(images, relevance, **kwargs)
+
+    monkeypatch.setattr(viz, "grid_figure", spy)
+    code, _, err = explain_cli(tmp_path, "--composite", composite)
+    assert code == 0, err
+    saved, extra = f"LRP {composite} (saved)", f"LRP {other}"
+    assert list(shown["relevance"]) == [saved, extra]
+    x = sample_data[0][:LIMIT]
+    pick = [i for i in range(LIMIT) if any((x[i] == im).all() for im in shown["images"])]
+    assert len(pick) == len(shown["images"]) == LIMIT  # 12 images: all shown
+    relevance = np.load(tmp_path / "relevance.npy")
+    np.testing.assert_array_equal(shown["relevance"][saved], relevance[pick])
+    expected = np.asarray(
+        lrpjax.explain(
+            pretrained, x[pick], composite=other, target=np.load(tmp_path / "targets.npy")
+        )
+    )
+    np.testing.assert_allclose(shown["relevance"][extra], expected, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(shown["relevance"][extra], relevance[pick], atol=1e-3)
+    # what is saved is --composite's
+    np.testing.assert_allclose(
+        relevance, np.asarray(lrpjax.explain(pretrained, x, composite=composite)), rtol=1e-4,
+        atol=1e-6,
+    )  # fmt: skip

@@ -146,3 +146,15 @@ def test_class_mean_figure_shows_a_readable_subset_of_many_classes():
     assert len(titles) == 20
     assert {"k5 (n=4)", "k17 (n=9)", "k99 (n=1)"} <= set(titles)  # the classes with images
     assert "20 of 100 classes" in fig._suptitle.get_text()
+
+
+def test_grid_figure_with_named_maps_side_by_side(tmp_path, relevance):
+    images = np.random.default_rng(1).random((3, 8, 6, 3)).astype(np.float32)
+    path = tmp_path / "pair.png"
+    fig = viz.grid_figure(images, {"LRP a": relevance[:3], "LRP b": -relevance[:3]}, path=path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert len(fig.axes) == 2 * 6  # 2 rows of 2 x (image | a | b)
+    assert [ax.get_title() for ax in fig.axes[:6]] == ["", "LRP a", "LRP b", "", "LRP a", "LRP b"]
+    shown = [ax.images[0].get_array() for ax in fig.axes[1:3]]
+    np.testing.assert_allclose(shown[0], viz.heatmap(relevance[:1])[0])
+    np.testing.assert_allclose(shown[1], -viz.heatmap(relevance[:1])[0])
