@@ -9,8 +9,16 @@ A composite maps keys to rules (`lrpjax.rules`). A key is one of:
 
 A layer takes the rule of its path if one matches, else that of its position, else that of
 its type. Parameter-free layers lrpjax knows (ReLU, dropout, flatten, max-pool) default to
-`rules.gradient` (winner-take-all through max-pool). A layer with no rule is an error, never
-a silent guess.
+`rules.gradient` (winner-take-all through max-pool), token embeddings to `rules.embedding`.
+A layer with parameters and no rule is an error, never a silent guess. A module with
+sub-modules mapped by path or type (``{nnx.MultiHeadAttention: rules.gradient()}``) is
+explained as one unit with that rule; its inside is not walked.
+
+The model's code between layers (glue, `lrpjax.glue`) follows AttnLRP (Achtibat et al.
+2024) unless the composite maps these keys: `ACTIVATION` (elementwise non-linearities:
+`rules.identity`), `PRODUCT` (products of two input-dependent tensors: `rules.uniform`) and
+`SOFTMAX` (`rules.gradient`, AttnLRP's softmax rule; `rules.hold_constant` for CP-LRP, as in
+the `cp_lrp` preset).
 
 Write a composite as a plain dict (``{nnx.Conv: rules.zplus(), FIRST: rules.flat()}``) or
 use a preset below by calling it (``epsilon(eps=0.25)``) or by name (``"epsilon"``).
@@ -37,13 +45,18 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
-from lrpjax import layers, rules
+from lrpjax import layer_types, rules
 
 __all__ = [
+    "ACTIVATION",
     "FIRST",
+    "GLUE_DEFAULTS",
     "LAST",
     "PRESETS",
+    "PRODUCT",
+    "SOFTMAX",
     "Composite",
+    "cp_lrp",
     "epsilon",
     "epsilon_alpha2_beta1",
     "epsilon_alpha2_beta1_flat",
@@ -57,11 +70,19 @@ __all__ = [
 
 FIRST = "<first>"
 LAST = "<last>"
+ACTIVATION = "<activation>"
+PRODUCT = "<product>"
+SOFTMAX = "<softmax>"
+_SPECIAL = (FIRST, LAST, ACTIVATION, PRODUCT, SOFTMAX)
 
 RuleLike = Callable[..., Any]
 
-#: Parameter-free layers whose relevance follows their own gradient unless mapped otherwise.
-PASS_THROUGH: tuple[type, ...] = (layers.ReLU, layers.Flatten, layers.MaxPool, nnx.Dropout)
+#: Glue rules unless a composite maps their key: AttnLRP (Achtibat et al. 2024).
+GLUE_DEFAULTS: dict[str, rules.Rule] = {
+    ACTIVATION: rules.identity(),
+    PRODUCT: rules.uniform(),
+    SOFTMAX: rules.gradient(),
+}
 
 
 class Composite(NamedTuple):
@@ -70,24 +91,45 @@ class Composite(NamedTuple):
     name: str
     mapping: tuple[tuple[Any, RuleLike], ...]
 
-    def rule_for(self, path: str, layer: nnx.Module, positions: frozenset[str]) -> RuleLike | None:
-        """The rule for a layer at `path` with `positions` (a subset of {FIRST, LAST})."""
+    def explicit_rule(self, path: str, layer: nnx.Module) -> rules.Rule | None:
+        """The rule mapped to `path` or to the layer's type, or None (no defaults)."""
         for key, rule in self.mapping:
-            if isinstance(key, str) and key not in (FIRST, LAST) and fnmatch.fnmatchcase(path, key):
-                return rule
-        for key, rule in self.mapping:
-            if key in (FIRST, LAST) and key in positions:
-                return rule
+            if isinstance(key, str) and key not in _SPECIAL and fnmatch.fnmatchcase(path, key):
+                return rules.as_rule(rule)
         typed = [
             (type(layer).__mro__.index(key), rule)
             for key, rule in self.mapping
             if isinstance(key, type) and isinstance(layer, key)
         ]
         if typed:
-            return min(typed, key=lambda t: t[0])[1]
-        if isinstance(layer, PASS_THROUGH):
-            return rules.gradient()
+            return rules.as_rule(min(typed, key=lambda t: t[0])[1])
         return None
+
+    def rule_for(
+        self, path: str, layer: nnx.Module, positions: frozenset[str]
+    ) -> rules.Rule | None:
+        """The rule for a layer at `path` with `positions` (a subset of {FIRST, LAST})."""
+        for key, rule in self.mapping:
+            if isinstance(key, str) and key not in _SPECIAL and fnmatch.fnmatchcase(path, key):
+                return rules.as_rule(rule)
+        for key, rule in self.mapping:
+            if key in (FIRST, LAST) and key in positions:
+                return rules.as_rule(rule)
+        explicit = self.explicit_rule(path, layer)
+        if explicit is not None:
+            return explicit
+        if isinstance(layer, layer_types.PASS_THROUGH):
+            return rules.gradient()
+        if isinstance(layer, layer_types.EMBEDDINGS):
+            return rules.embedding()
+        return None
+
+    def glue_rule(self, kind: str) -> rules.Rule:
+        """The rule for a kind of glue: `ACTIVATION`, `PRODUCT` or `SOFTMAX`."""
+        for key, rule in self.mapping:
+            if key == kind:
+                return rules.as_rule(rule)
+        return GLUE_DEFAULTS[kind]
 
     def __repr__(self) -> str:
         return f"Composite({self.name})"
@@ -96,7 +138,7 @@ class Composite(NamedTuple):
 def from_mapping(mapping: Mapping[Any, RuleLike], name: str = "custom") -> Composite:
     """Make a `Composite` from a dict of key -> rule."""
     for key, rule in mapping.items():
-        if not (isinstance(key, str | type)):
+        if not isinstance(key, str | type):
             raise TypeError(f"composite key {key!r} is not a path, position or layer type")
         if not callable(rule):
             raise TypeError(f"composite value for {key!r} is not a rule: {rule!r}")
@@ -104,7 +146,12 @@ def from_mapping(mapping: Mapping[Any, RuleLike], name: str = "custom") -> Compo
 
 
 def _preset(name: str, dense, conv, bn, first=None) -> Composite:
-    mapping: dict[Any, RuleLike] = {nnx.Linear: dense, nnx.Conv: conv, nnx.BatchNorm: bn}
+    """Dense layers (`layer_types.DENSE`), convolutions (`CONV`), batch-norm; layer norms
+    take `rules.epsilon` (AttnLRP's rule: the normalising scale held constant)."""
+    mapping: dict[Any, RuleLike] = {t: dense for t in layer_types.DENSE}
+    mapping.update({t: conv for t in layer_types.CONV})
+    mapping.update({t: bn for t in layer_types.BATCH_NORMS})
+    mapping.update({t: rules.epsilon() for t in layer_types.LAYER_NORMS})
     if first is not None:
         mapping[FIRST] = first
     return from_mapping(mapping, name)
@@ -190,6 +237,16 @@ def sequential_b(eps: float = 0.25, batchnorm: RuleLike | None = None) -> Compos
     )  # fmt: skip
 
 
+def cp_lrp(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
+    """LRP-epsilon with attention weights held constant (CP-LRP, Ali et al. 2022): the
+    softmax passes no relevance, and each head's relevance goes to its values.
+
+    Mapping: as `epsilon`, and SOFTMAX -> `rules.hold_constant()`.
+    """
+    base = epsilon(eps, batchnorm)
+    return Composite(f"cp_lrp(eps={float(eps)})", (*base.mapping, (SOFTMAX, rules.hold_constant())))
+
+
 PRESETS: dict[str, Callable[..., Composite]] = {
     f.__name__: f
     for f in (
@@ -201,6 +258,7 @@ PRESETS: dict[str, Callable[..., Composite]] = {
         epsilon_alpha2_beta1_flat,
         sequential_a,
         sequential_b,
+        cp_lrp,
     )
 }
 

@@ -1,13 +1,16 @@
 r"""The LRP engine: one jit-compiled, vmappable pass of `jax.vjp` over a rule-modified model.
 
 How it works. Inside the traced function, the model is rebuilt from its state and every
-layer (a module with no sub-modules) is replaced by a `_Probe` that calls it through a
+layer (a module with no sub-modules, or a module the composite maps as one unit) is
+replaced by a `_Probe` that calls it, with the arguments the model passes, through a
 `jax.custom_vjp`: the forward value is the layer's own, the backward applies the layer's
 rule. What flows backwards between layers is :math:`c = R / a`, the relevance per unit of
-activation, so that the model's own glue code (ReLUs written as functions, reshapes,
-max-pooling, residual additions) is handled by ordinary autodiff and stays conservative:
-at a sum :math:`a_1 + a_2` each summand gets :math:`R_i = a_i c`, its proportional share;
-at a max-pool the maximum gets all of it. A layer's probe receives
+activation. The forward pass is traced to a jaxpr and evaluated again by `lrpjax.glue`, which
+lets ordinary autodiff handle the linear and homogeneous glue code (reshapes, residual
+additions, ReLUs written as functions), where it is conservative: at a sum
+:math:`a_1 + a_2` each summand gets :math:`R_i = a_i c`, its proportional share. Elementwise
+activations, products of two input-dependent tensors and softmaxes get AttnLRP's rules;
+anything else is refused with a `LayerError`. A layer's probe receives
 :math:`R_{out} = y \odot c_{out}` and hands back :math:`c_{in} = R_{in} \oslash a`. The
 exact :math:`R_{in}` of every layer leaves through the cotangent of a zero "probe" input,
 which is how `layerwise=True` reads the relevance at every layer without a second pass.
@@ -32,6 +35,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from functools import lru_cache, partial
 from typing import Any, NamedTuple
@@ -40,12 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.extend import core as jax_core
 
-from lrpjax import compilation
+from lrpjax import compilation, glue, layer_types
 from lrpjax import composites as composites_lib
 from lrpjax import rules as rules_lib
-from lrpjax.layers import Flatten
+from lrpjax.layer_types import LayerError
 
 __all__ = [
     "INITS",
@@ -58,12 +61,6 @@ __all__ = [
 ]
 
 INITS = ("logit", "probability", "one", "sglrp")
-# |a| below this carries no relevance per unit (c = R / a would overflow).
-_TINY = 1e-20
-
-
-class LayerError(TypeError):
-    """The model holds a layer that lrpjax cannot explain with the composite given."""
 
 
 class Explanation(NamedTuple):
@@ -112,39 +109,75 @@ def output_relevance(logits: jax.Array, target: jax.Array, init: str | Callable)
     raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)} or a callable")
 
 
-def _safe_per_unit(R: jax.Array, a: jax.Array) -> jax.Array:
-    ok = jnp.abs(a) > _TINY
-    return jnp.where(ok, R / jnp.where(ok, a, 1.0), 0.0)
-
-
 def _path_str(path: tuple) -> str:
     return "/".join(map(str, path))
+
+
+def _is_rng(module: Any) -> bool:
+    return isinstance(module, nnx.RngStream | nnx.Rngs)
+
+
+def _children(module: nnx.Module) -> list[tuple[Any, nnx.Module]]:
+    return [
+        (k, c) for k, c in nnx.iter_children(module) if isinstance(c, nnx.Module) and not _is_rng(c)
+    ]
 
 
 def _has_own_params(module: nnx.Module) -> bool:
     return any(isinstance(v, nnx.Param) for v in vars(module).values())
 
 
+def _units(model: nnx.Module, composite: composites_lib.Composite) -> list[tuple]:
+    """Paths of the modules explained as one unit each: layers (no sub-modules) with a rule
+    or parameters, and modules the composite maps by path or type (not walked into).
+    Parameter-free modules of unknown type are glue: `lrpjax.glue` handles their code."""
+    found = []
+
+    def walk(path: tuple, module: nnx.Module) -> None:
+        children = _children(module)
+        if path and composite.explicit_rule(_path_str(path), module) is not None:
+            found.append(path)
+            return
+        if children:
+            for key, child in children:
+                walk((*path, key), child)
+            return
+        known = composite.rule_for(_path_str(path), module, frozenset()) is not None
+        if known or _has_own_params(module) or layer_types.is_affine(module):
+            found.append(path)
+
+    walk((), model)
+    return found
+
+
 class _Tape:
-    """Trace-time state shared by the probes of one model: call order, rules, probes."""
+    """What one trace of the instrumented model sees; local to that trace.
+
+    Recording (``probes is None``): the call order, each layer's input and which layers take
+    the model's input. Explaining: the rules and the zero probes whose cotangents carry each
+    layer's input relevance out.
+    """
 
     def __init__(self):
-        self.recording = True
-        self.input_like: list[Any] = []  # the model input, and it flattened by layers
+        self.input_like: list[Any] = []
         self.calls: list[str] = []
         self.shapes: dict[str, jax.ShapeDtypeStruct] = {}
         self.takes_input: set[str] = set()
-        self.rules: dict[str, Callable] = {}
-        self.probes: dict[str, jax.Array] = {}
+        self.rules: dict[str, rules_lib.Rule] = {}
+        self.probes: dict[str, jax.Array] | None = None
 
 
 def _fast_forward(layer: nnx.Module) -> Callable[[jax.Array], jax.Array]:
-    """The layer's forward; linear layers through their `rules.as_affine` view, which runs
-    RGB-like input convolutions as `few_channel_conv` and the rest as the layer itself."""
+    """The layer's forward; Linear and Conv through their affine view, which runs RGB-like
+    input convolutions as `few_channel_conv` and the rest as the layer itself."""
     if isinstance(layer, nnx.Linear | nnx.Conv):
-        affine = rules_lib.as_affine(layer)
+        affine = layer_types.as_affine(layer)
         return lambda a: affine.apply(a, affine.kernel, affine.bias)
     return layer
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray)
 
 
 class _Probe:
@@ -153,128 +186,156 @@ class _Probe:
     def __init__(self, layer: nnx.Module, path: str, tape: _Tape):
         self.layer, self.path, self.tape = layer, path, tape
 
-    def __call__(self, a: jax.Array) -> jax.Array:
+    def __call__(self, *args, **kwargs):
         tape, layer, path = self.tape, self.layer, self.path
-        if tape.recording:
-            if path in tape.shapes:
-                raise LayerError(
-                    f"layer {path!r} is called more than once; lrpjax needs one call per layer"
-                )
-            tape.calls.append(path)
-            tape.shapes[path] = jax.ShapeDtypeStruct(a.shape, a.dtype)
-            if any(a is t for t in tape.input_like):
-                tape.takes_input.add(path)
-            y = layer(a)
-            if path in tape.takes_input and isinstance(layer, Flatten | nnx.Dropout):
-                tape.input_like.append(y)  # the next layer still sees the input, reshaped
-            return y
+        if not args or not _is_array(args[0]):
+            raise LayerError(f"layer {path!r} is called without an array as its first argument")
+        a = args[0]
+        if tape.probes is None:
+            return self._record(a, args, kwargs)
+        # Other arguments: arrays pass as operands (zero cotangents), the rest is static.
+        leaves, treedef = jax.tree.flatten((args[1:], kwargs))
+        is_array = [_is_array(leaf) for leaf in leaves]
+        static = [None if arr else leaf for leaf, arr in zip(leaves, is_array, strict=True)]
+
+        def bound(side: tuple) -> Any:
+            it = iter(side)
+            filled = [next(it) if arr else leaf for leaf, arr in zip(static, is_array, strict=True)]
+            rest, kw = jax.tree.unflatten(treedef, filled)
+            return layer_types.Bound(layer, rest, kw) if rest or kw else layer
+
+        plain = not leaves
+        forward = _fast_forward(layer) if plain else None
         rule = tape.rules[path]
-        follows_gradient = isinstance(rule, rules_lib.Rule) and rule.fn is rules_lib._gradient
-        rule_per_unit = rules_lib.per_unit(rule)
-        forward = _fast_forward(layer)
+
+        def call(a, side):
+            return forward(a) if plain else bound(side)(a)
 
         @jax.custom_vjp
-        def relevance_gate(a, probe):
+        def relevance_gate(a, probe, side):
             del probe
-            return forward(a)
+            return call(a, side)
 
-        def fwd(a, probe):
-            y = forward(a)
-            return y, (a, y)
+        def fwd(a, probe, side):
+            y = call(a, side)
+            return y, (a, side, y)
 
-        def bwd(residuals, c_out):
-            a, y = residuals
-            if follows_gradient:  # c passes by the chain rule, no division needed
-                _, vjp = jax.vjp(layer, a)
-                c_in = vjp(c_out)[0]
-                return c_in, a * c_in
-            if rule_per_unit is not None:  # same rule, no recomputed z, no division by a
-                c_in = rule_per_unit(layer, a, y, c_out)
-                return c_in, a * c_in
-            R_in = rule(layer, a, y * c_out)
-            return _safe_per_unit(R_in, a), R_in
+        def _lrpjax_layer_bwd(residuals, c_out):
+            a, side, y = residuals
+            c_in, R_in = rule.backward(bound(side), a, y, c_out)
+            if jnp.issubdtype(a.dtype, jnp.floating):
+                c_in = c_in.astype(a.dtype)
+            else:  # integer inputs (tokens): their relevance leaves through the probe
+                c_in = glue._zero_cotangent(a)
+            probe = tape.probes[path]
+            return c_in, R_in.astype(probe.dtype), tuple(glue._zero_cotangent(s) for s in side)
 
-        relevance_gate.defvjp(fwd, bwd)
-        return relevance_gate(a, tape.probes[path])
+        relevance_gate.defvjp(fwd, _lrpjax_layer_bwd)
+        side = tuple(leaf for leaf, arr in zip(leaves, is_array, strict=True) if arr)
+        return relevance_gate(a, tape.probes[path], side)
+
+    def _record(self, a, args, kwargs):
+        tape, path = self.tape, self.path
+        if path in tape.shapes:
+            raise LayerError(
+                f"layer {path!r} is called more than once; lrpjax needs one call per layer"
+            )
+        y = self.layer(*args, **kwargs)
+        if not _is_array(y):
+            raise LayerError(
+                f"layer {path!r} returns {type(y).__name__}, not an array; map a module "
+                "around it, or map its parts, so that each unit returns one array"
+            )
+        tape.calls.append(path)
+        dtype = a.dtype if jnp.issubdtype(a.dtype, jnp.floating) else y.dtype
+        tape.shapes[path] = jax.ShapeDtypeStruct(a.shape, dtype)
+        if any(a is t for t in tape.input_like):
+            tape.takes_input.add(path)
+            if isinstance(self.layer, layer_types.RESHAPING):
+                tape.input_like.append(y)  # the next layer still sees the input, reshaped
+        return y
 
 
-def _instrument(model: nnx.Module, tape: _Tape) -> tuple[nnx.Module, dict[str, nnx.Module]]:
-    """Replace every layer of `model` (a fresh copy inside the trace) by a `_Probe`.
+def _instrument(
+    model: nnx.Module, composite: composites_lib.Composite, tape: _Tape
+) -> tuple[nnx.Module, dict[str, nnx.Module]]:
+    """Replace every unit of `model` (a fresh copy inside the trace) by a `_Probe`.
 
-    Returns the instrumented model and its layers keyed by path.
+    Returns the instrumented model and its units keyed by path.
     """
-    layer_paths = []
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, nnx.RngStream | nnx.Rngs):
-            continue
-        children = [
-            c
-            for _, c in nnx.iter_children(module)
-            if isinstance(c, nnx.Module) and not isinstance(c, nnx.RngStream | nnx.Rngs)
-        ]
-        if children:
-            if _has_own_params(module):
-                raise LayerError(
-                    f"module {_path_str(path) or '<root>'} ({type(module).__name__}) has both "
-                    "parameters and sub-modules; lrpjax explains layers, not such hybrids"
-                )
-            continue
-        layer_paths.append(path)
-    if layer_paths == [()]:  # the model is a single layer
+    paths = _units(model, composite)
+    if paths == [()]:  # the model is a single layer
         root = model
 
         class _Single(nnx.Module):
             def __init__(self):
                 self.layer = root
 
-            def __call__(self, x):
-                return self.layer(x)
+            def __call__(self, *args, **kwargs):
+                return self.layer(*args, **kwargs)
 
-        model, layer_paths = _Single(), [("layer",)]
-    layers = {}
-    for path in layer_paths:
+        model, paths = _Single(), [("layer",)]
+    units = {}
+    for path in paths:
         parent = model
         for key in path[:-1]:
             parent = parent[key] if isinstance(key, int) else getattr(parent, key)
         layer = parent[path[-1]] if isinstance(path[-1], int) else getattr(parent, path[-1])
         probe = _Probe(layer, _path_str(path), tape)
-        layers[probe.path] = layer
+        units[probe.path] = layer
         if isinstance(path[-1], int):
             parent[path[-1]] = probe
         else:
             setattr(parent, path[-1], probe)
-    return model, layers
+    return model, units
 
 
-def _recorded(model: nnx.Module, x) -> tuple[nnx.Module, dict[str, nnx.Module], _Tape]:
-    """Instrument an eval-mode copy of `model` and record its layer calls on input like x."""
-    graphdef, state = nnx.split(model)
+def _instrumented(graphdef, state, composite) -> tuple[nnx.Module, dict[str, nnx.Module], _Tape]:
     model = nnx.merge(graphdef, state, copy=True)
     model.eval()
     tape = _Tape()
-    model, layers = _instrument(model, tape)
+    model, units = _instrument(model, composite, tape)
+    return model, units, tape
+
+
+class _Plan(NamedTuple):
+    calls: tuple[str, ...]
+    shapes: dict[str, jax.ShapeDtypeStruct]
+    takes_input: frozenset[str]
+    units: dict[str, nnx.Module]
+
+
+def _record(graphdef, state, composite, x) -> _Plan:
+    """The units of the model in call order, with their input shapes: an abstract
+    evaluation of its own, whose results are returned, not left on any object."""
+    model, units, tape = _instrumented(graphdef, state, composite)
 
     def record(x):
         tape.input_like = [x]
         return model(x)
 
-    jax.eval_shape(record, x)
-    tape.recording = False
-    return model, layers, tape
+    out = jax.eval_shape(record, x)
+    if not isinstance(out, jax.ShapeDtypeStruct):
+        raise LayerError(f"the model returns {type(out).__name__}; lrpjax explains one array")
+    return _Plan(tuple(tape.calls), dict(tape.shapes), frozenset(tape.takes_input), units)
 
 
-def layer_calls(model: nnx.Module, x) -> list[tuple[str, nnx.Module]]:
-    """The layers of `model` as (path, layer) in the order a call on x (N, ...) runs them."""
-    _, layers, tape = _recorded(model, x)
-    return [(path, layers[path]) for path in tape.calls]
+def layer_calls(
+    model: nnx.Module, x, composite: str | composites_lib.Composite | Mapping = "epsilon"
+) -> list[tuple[str, nnx.Module]]:
+    """The units of `model` as (path, layer) in the order a call on x (N, ...) runs them."""
+    graphdef, state = nnx.split(model)
+    plan = _record(graphdef, state, composites_lib.get(composite), x)
+    return [(path, plan.units[path]) for path in plan.calls]
 
 
-def _resolve_rules(model_probes: dict[str, nnx.Module], composite, tape: _Tape) -> None:
-    with_params = [p for p in tape.calls if nnx.state(model_probes[p], nnx.Param)]
-    first = with_params[0] if with_params else None
-    last = with_params[-1] if with_params else None
-    for path in tape.calls:
-        layer = model_probes[path]
+def _resolve_rules(plan: _Plan, composite: composites_lib.Composite) -> dict[str, rules_lib.Rule]:
+    affine = [p for p in plan.calls if layer_types.is_affine(plan.units[p])]
+    first = affine[0] if affine else None
+    last = affine[-1] if affine else None
+    resolved = {}
+    for path in plan.calls:
+        layer = plan.units[path]
         positions = frozenset(
             k for k, p in ((composites_lib.FIRST, first), (composites_lib.LAST, last)) if p == path
         )
@@ -284,7 +345,8 @@ def _resolve_rules(model_probes: dict[str, nnx.Module], composite, tape: _Tape) 
                 f"no rule for layer {path!r} ({type(layer).__name__}) in composite "
                 f"{composite.name}: map its type or path to a rule from lrpjax.rules"
             )
-        tape.rules[path] = rule
+        resolved[path] = rule
+    return resolved
 
 
 def explainer(
@@ -315,17 +377,27 @@ def explainer(
 @lru_cache(maxsize=64)
 def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
     def fn(state, x, target):
-        model, layers, tape = _recorded(nnx.merge(graphdef, state), x)
-        fn.call_order = tuple(tape.calls)  # jit returns dicts key-sorted; explain reorders
-        _resolve_rules(layers, composite, tape)
-        zeros = {p: jnp.zeros(s.shape, s.dtype) for p, s in tape.shapes.items()}
+        plan = _record(graphdef, state, composite, x)
+        model, _, tape = _instrumented(graphdef, state, composite)
+        tape.rules = _resolve_rules(plan, composite)
+        zeros = {p: jnp.zeros(s.shape, s.dtype) for p, s in plan.shapes.items()}
 
         def forward(x, probes):
             tape.probes = probes
             return model(x)
 
-        _check_glue(jax.make_jaxpr(forward)(x, zeros).jaxpr)
-        logits, vjp = jax.vjp(forward, x, zeros)
+        closed = jax.make_jaxpr(forward)(x, zeros)
+        float_input = jnp.issubdtype(x.dtype, jnp.floating)
+
+        def interpreted(x, probes):
+            args = [x, *jax.tree.leaves(probes)]
+            relevant = [float_input] + [True] * (len(args) - 1)
+            outs, _ = glue.evaluate(
+                closed.jaxpr, closed.consts, args, relevant, composite.glue_rule
+            )
+            return outs[0]
+
+        logits, vjp = jax.vjp(interpreted, x, zeros)
         predicted = jnp.argmax(logits, axis=-1)
         resolved = jnp.where(
             target < 0, predicted.reshape(predicted.shape + (1,) * (target.ndim - 1)), target
@@ -333,12 +405,15 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
 
         def backward(t):
             R_top = output_relevance(logits, t, init)
-            c_x, R_layers = vjp(_safe_per_unit(R_top, logits).astype(logits.dtype))
-            relevance = x * c_x
-            direct = [R_layers[p].reshape(x.shape) for p in tape.takes_input]
-            if direct:  # rules like flat or z^B give relevance to zero inputs, too
-                relevance = relevance + jnp.where(jnp.abs(x) > _TINY, 0.0, sum(direct))
-            ordered = {p: R_layers[p] for p in tape.calls} if layerwise else None
+            c_x, R_layers = vjp(rules_lib.safe_per_unit(R_top, logits).astype(logits.dtype))
+            direct = [R_layers[p].reshape(x.shape) for p in plan.takes_input]
+            if float_input:
+                relevance = x * c_x
+                if direct:  # rules like flat or z^B give relevance to zero inputs, too
+                    relevance = relevance + jnp.where(jnp.abs(x) > rules_lib.TINY, 0.0, sum(direct))
+            else:  # token ids: the relevance of their embeddings
+                relevance = sum(direct) if direct else jnp.zeros(x.shape, logits.dtype)
+            ordered = {p: R_layers[p] for p in plan.calls} if layerwise else None
             return relevance, ordered
 
         if resolved.ndim == 2:
@@ -350,61 +425,6 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
     return fn
 
 
-# Operations that are not positively homogeneous: outside a layer with a rule, relevance
-# through them would not be conserved, and the map would be silently wrong.
-_NON_HOMOGENEOUS = frozenset(
-    [
-        "tanh",
-        "logistic",
-        "exp",
-        "exp2",
-        "log",
-        "log1p",
-        "expm1",
-        "erf",
-        "erfc",
-        "erf_inv",
-        "sin",
-        "cos",
-        "tan",
-        "asin",
-        "acos",
-        "atan",
-        "atan2",
-        "sinh",
-        "cosh",
-        "asinh",
-        "acosh",
-        "atanh",
-        "sqrt",
-        "rsqrt",
-        "cbrt",
-        "pow",
-        "integer_pow",
-        "square",
-        "lgamma",
-        "digamma",
-    ]
-)
-
-
-def _check_glue(jaxpr) -> None:
-    """Refuse models whose code between layers applies non-homogeneous functions."""
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name.startswith("custom_vjp_call"):
-            continue  # a layer with its rule
-        if name in _NON_HOMOGENEOUS:
-            raise LayerError(
-                f"the model applies `{name}` outside its layers (e.g. a functional activation "
-                "such as tanh or sigmoid, a normalisation, or a softmax on the output); LRP "
-                "through it would not conserve relevance. Return logits, and put such "
-                "functions in an nnx.Module mapped to a rule in the composite."
-            )
-        for sub in jax_core.jaxprs_in_params(eqn.params):
-            _check_glue(sub)
-
-
 @lru_cache(maxsize=64)
 def _jitted(graphdef, composite, init, layerwise, options):
     """`options` (the compiler options, as a tuple) only keys the cache: switching them with
@@ -414,7 +434,65 @@ def _jitted(graphdef, composite, init, layerwise, options):
 
 
 def _logits(graphdef, state, x):
-    return nnx.merge(graphdef, state, copy=True)(x)
+    model = nnx.merge(graphdef, state, copy=True)
+    model.eval()
+    return model(x)
+
+
+def _check_input(graphdef, state, composite, x) -> tuple[int, _Plan]:
+    """Clear errors for inputs the model or the first rule cannot take.
+
+    Returns the number of classes and the model's plan.
+    """
+    if x.dtype == jnp.uint8:
+        raise ValueError(
+            "x is uint8 (raw pixels); convert it to float first, e.g. x / 255 for a model "
+            "trained on [0, 1], as lrpjax.data loads images"
+        )
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch (N, ...), got shape {x.shape}")
+    if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("input contains NaN or Inf values")
+    try:
+        out = jax.eval_shape(partial(_logits, graphdef), state, x)
+    except LayerError:
+        raise
+    except Exception as error:
+        try:
+            jax.eval_shape(partial(_logits, graphdef), state, x[None])
+        except Exception:
+            raise ValueError(f"the model cannot take x of shape {x.shape}: {error}") from error
+        raise ValueError(
+            f"x of shape {x.shape} looks like one example without the batch axis; pass x[None]"
+        ) from error
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim != 2:
+        raise ValueError(
+            f"the model must return (N, classes) logits, got {getattr(out, 'shape', out)}"
+        )
+    plan = _record(graphdef, state, composite, x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        for path in plan.takes_input:
+            if not isinstance(plan.units[path], layer_types.EMBEDDINGS):
+                raise ValueError(
+                    f"x is {x.dtype} and reaches layer {path!r} "
+                    f"({type(plan.units[path]).__name__}), not a token embedding; "
+                    "convert it to float"
+                )
+    rules = _resolve_rules(plan, composite)
+    for path in plan.takes_input:
+        rule = rules[path]
+        if isinstance(rule, rules_lib.ZBox):
+            low, high = np.min(rule.low), np.max(rule.high)
+            lo, hi = float(jnp.min(x)), float(jnp.max(x))
+            if lo < low - 1e-3 or hi > high + 1e-3:
+                warnings.warn(
+                    f"x has values in [{lo:.3g}, {hi:.3g}], outside the bounds "
+                    f"[{low:.3g}, {high:.3g}] of the z^B rule of layer {path!r}; "
+                    "give the composite the input's bounds (e.g. epsilon_gamma_box(low=..., "
+                    "high=...)) or rescale x",
+                    stacklevel=3,
+                )
+    return out.shape[-1], plan
 
 
 def explain(
@@ -429,9 +507,12 @@ def explain(
     """Explain a batch of predictions with LRP.
 
     Args:
-      model: a Flax NNX model built from `nnx.Linear`, `nnx.Conv`, `nnx.BatchNorm`,
-        pooling, activations and residual additions; explained in eval mode.
-      x: (N, ...) batch of inputs (finite).
+      model: a Flax NNX model built from layers lrpjax knows (`lrpjax.layer_types`: dense,
+        convolution, normalisation, embedding, pooling, dropout) and glue code between them
+        (`lrpjax.glue`: activations, residual additions, attention, reshapes); explained in
+        eval mode.
+      x: (N, ...) batch of inputs: finite floats, or integer token ids for a model whose
+        input layer is an `nnx.Embed`.
       composite: a preset name (``"epsilon"``, ``"epsilon_plus_flat"``, ...), a
         `lrpjax.composites.Composite`, or a dict of layer type / path / position -> rule.
       target: None (the predicted class), an int, an (N,) int array, or an (N, K) int
@@ -445,21 +526,22 @@ def explain(
       ``layerwise=True``, ``(relevance, {layer path: relevance at that layer's input})``.
 
     Raises:
-      ValueError: for NaN/Inf inputs, an unknown init or composite, or a bad target.
-      LayerError: for a layer without a rule.
+      ValueError: for uint8, empty, NaN/Inf or wrongly shaped inputs, an unknown init or
+        composite, or a bad target.
+      LayerError: for a layer without a rule, or glue code lrpjax cannot pass relevance
+        through.
     """
     if isinstance(x, jax.core.Tracer):
         raise TypeError("explain() checks its input; under jit/vmap use lrpjax.explainer()")
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"x must be a batch (N, ...), got shape {x.shape}")
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError("input contains NaN or Inf values")
     if not callable(init) and init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)} or a callable")
     composite = composites_lib.get(composite)
-    user_target = target is not None
     graphdef, state = nnx.split(model)
+    num_classes, plan = _check_input(graphdef, state, composite, x)
+    user_target = target is not None
     target = jnp.asarray(-1 if target is None else target)
     if not jnp.issubdtype(target.dtype, jnp.integer):
         raise ValueError(f"target must be integer class indices, got dtype {target.dtype}")
@@ -469,7 +551,6 @@ def explain(
         raise ValueError(
             f"target must be an int, (N,) or (N, K) for N={x.shape[0]}, got {target.shape}"
         )
-    num_classes = jax.eval_shape(partial(_logits, graphdef), state, x[:1]).shape[-1]
     if user_target and bool(jnp.any((target < 0) | (target >= num_classes))):
         raise ValueError(
             f"target outside the model's classes 0..{num_classes - 1}: {np.unique(target)}"
@@ -478,5 +559,4 @@ def explain(
     out = _jitted(graphdef, composite, init, layerwise, options)(state, x, target)
     if not layerwise:
         return out.relevance
-    order = _explain_fn(graphdef, composite, init, layerwise).call_order
-    return out.relevance, {path: out.layers[path] for path in order}
+    return out.relevance, {path: out.layers[path] for path in plan.calls}

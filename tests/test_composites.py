@@ -58,7 +58,8 @@ def test_preset_mappings(name):
     assert comp.rule_for("bn1", BN, NONE) == rules.epsilon(1e-6)
     for layer in (ReLU(), Flatten(), MaxPool((2, 2)), nnx.Dropout(0.5, rngs=RNGS)):
         assert comp.rule_for("x", layer, NONE) == rules.gradient()
-    assert comp.rule_for("norm", nnx.LayerNorm(4, rngs=RNGS), NONE) is None
+    assert comp.rule_for("norm", nnx.LayerNorm(4, rngs=RNGS), NONE) == rules.epsilon()
+    assert comp.rule_for("norm", nnx.GroupNorm(4, num_groups=2, rngs=RNGS), NONE) is None
     # the batchnorm argument
     assert (
         composites.PRESETS[name](batchnorm=rules.identity()).rule_for("bn1", BN, NONE)
@@ -70,7 +71,7 @@ def test_epsilon_gamma_box_example_from_brief():
     comp = composites.epsilon_gamma_box(gamma=0.5)
     first = comp.rule_for("conv1", CONV, frozenset({FIRST}))
     assert first == rules.zbox(0.0, 1.0)
-    assert first.fn is rules.zbox().fn
+    assert isinstance(first, rules.ZBox)
     assert comp.rule_for("conv3", CONV, NONE) == rules.gamma(0.5)
     assert comp.rule_for("dense1", LINEAR, NONE) == rules.epsilon()
     # per-channel bounds

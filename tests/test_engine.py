@@ -540,8 +540,8 @@ def _definition_only(rule: rules.Rule):
     ids=["epsilon", "z_alpha2beta1", "gamma_zplus"],
 )
 def test_minivgg_per_unit_forms_equal_rule_definitions(vgg, mapping):
-    """The engine's per-unit path (`rules.per_unit`) gives the relevance of the rules'
-    definitions at every layer."""
+    """The engine's per-unit path (each rule's own `backward`) gives the relevance of the
+    rules' definitions at every layer."""
     x = images(2, seed=3)
     plain = {key: _definition_only(rule) for key, rule in mapping.items()}
     fast, fast_layers = lrpjax.explain(vgg, x, composite=mapping, layerwise=True)
@@ -625,10 +625,20 @@ def test_unbatched_input_raises(mlp_setup):
 # --- errors ----------------------------------------------------------------------------
 
 
-class WithLayerNorm(nnx.Module):
+class Scale(nnx.Module):
+    """A user's layer with parameters: lrpjax knows no rule for it."""
+
+    def __init__(self, n):
+        self.w = nnx.Param(jnp.linspace(0.5, 1.5, n))
+
+    def __call__(self, x):
+        return x * self.w[...]
+
+
+class WithCustomLayer(nnx.Module):
     def __init__(self, rngs):
         self.dense = nnx.Linear(4, 4, rngs=rngs)
-        self.norm = nnx.LayerNorm(4, rngs=rngs)
+        self.norm = Scale(4)
         self.head = nnx.Linear(4, 2, rngs=rngs)
 
     def __call__(self, x):
@@ -636,10 +646,10 @@ class WithLayerNorm(nnx.Module):
 
 
 def test_layer_without_rule_raises_with_path():
-    model = WithLayerNorm(nnx.Rngs(0))
+    model = WithCustomLayer(nnx.Rngs(0))
     with pytest.raises(lrpjax.LayerError, match="'norm'") as info:
         lrpjax.explain(model, np.ones((2, 4), np.float32))
-    assert "LayerNorm" in str(info.value)
+    assert "Scale" in str(info.value)
     # mapping its path to a rule makes it explainable
     r = lrpjax.explain(
         model,
@@ -666,24 +676,56 @@ class Hybrid(nnx.Module):
         return self.dense(x @ self.w[...])
 
 
-@pytest.mark.parametrize("cls", [Twice, Hybrid])
-def test_unexplainable_models_raise_layer_error(cls):
-    with pytest.raises(lrpjax.LayerError):
-        lrpjax.explain(cls(nnx.Rngs(0)), np.ones((2, 4), np.float32))
+def test_layer_called_twice_raises_layer_error():
+    with pytest.raises(lrpjax.LayerError, match="more than once"):
+        lrpjax.explain(Twice(nnx.Rngs(0)), np.ones((2, 4), np.float32))
+
+
+def test_parameters_used_in_glue_are_constants_of_a_linear_map():
+    """A module's own parameter used between layers (``x @ w``) is a linear map with
+    constant weights there: LRP-0 through it, which on this bias-free ReLU-free path is
+    gradient x input."""
+    model = Hybrid(nnx.Rngs(0))
+    model.dense.bias[...] = jnp.zeros_like(model.dense.bias[...])
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    R = lrpjax.explain(model, x, composite={nnx.Linear: rules.z()})
+    target = np.asarray(model(x)).argmax(-1)
+    grad = jax.grad(lambda x: jnp.sum(model(x)[jnp.arange(3), target]))(jnp.asarray(x))
+    np.testing.assert_allclose(R, x * np.asarray(grad), rtol=1e-4, atol=1e-6)
 
 
 class TanhGlue(nnx.Module):
     def __init__(self, rngs):
-        self.dense = nnx.Linear(4, 4, rngs=rngs)
-        self.head = nnx.Linear(4, 2, rngs=rngs)
+        self.dense = nnx.Linear(4, 4, use_bias=False, rngs=rngs)
+        self.head = nnx.Linear(4, 2, use_bias=False, rngs=rngs)
 
     def __call__(self, x):
         return self.head(jnp.tanh(self.dense(x)))
 
 
-def test_non_homogeneous_glue_raises_layer_error():
-    with pytest.raises(lrpjax.LayerError, match="tanh"):
-        lrpjax.explain(TanhGlue(nnx.Rngs(0)), np.ones((2, 4), np.float32))
+def test_tanh_glue_takes_the_identity_rule_and_conserves():
+    x = np.random.default_rng(2).normal(size=(3, 4)).astype(np.float32)
+    model = TanhGlue(nnx.Rngs(0))
+    R, layers = lrpjax.explain(model, x, composite={nnx.Linear: rules.z()}, layerwise=True)
+    logits = np.asarray(model(x)).max(-1)
+    np.testing.assert_allclose(np.asarray(R).sum(-1), logits, rtol=1e-4, atol=1e-6)
+    # identity: the relevance at the head's input is what reaches the dense layer's output
+    np.testing.assert_allclose(np.asarray(layers["head"]).sum(-1), logits, rtol=1e-4, atol=1e-6)
+
+
+class SortGlue(nnx.Module):
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(4, 4, rngs=rngs)
+        self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jnp.sort(self.dense(x), axis=-1))
+
+
+def test_glue_outside_the_allow_list_raises_layer_error_with_its_line():
+    with pytest.raises(lrpjax.LayerError, match="sort") as info:
+        lrpjax.explain(SortGlue(nnx.Rngs(0)), np.ones((2, 4), np.float32))
+    assert "test_engine.py" in str(info.value)
 
 
 def test_unknown_composite_raises(mlp_setup):

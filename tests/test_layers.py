@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lrpjax import rules
+from lrpjax import layer_types
 from lrpjax.layers import few_channel_conv
 
 
@@ -78,7 +78,7 @@ def test_few_channel_conv_promotes_dtypes_like_nnx_conv():
 def test_which_convolutions_take_the_few_channel_path(kwargs, fast):
     kwargs = {"out_features": 4, "kernel_size": (3, 3), "padding": "SAME", **kwargs}
     conv = nnx.Conv(**kwargs, rngs=nnx.Rngs(0))
-    assert rules._few_channels(conv) is fast
+    assert layer_types.few_channels(conv) is fast
     x = jnp.asarray(np.random.default_rng(2).random((2, 7, 7, kwargs["in_features"])), jnp.float32)
-    aff = rules.as_affine(conv)
+    aff = layer_types.as_affine(conv)
     np.testing.assert_allclose(aff.apply(x, aff.kernel, aff.bias), conv(x), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from lrpjax import rules
+from lrpjax.layer_types import LayerError
 from lrpjax.layers import MaxPool
 
 # --- the independent reference --------------------------------------------------------
@@ -295,7 +296,7 @@ def test_identity_on_square_layer():
 
 
 def test_identity_refuses_size_change():
-    with pytest.raises(ValueError, match="identity"):
+    with pytest.raises(LayerError, match="identity"):
         rules.identity()(dense(), jnp.ones((3, 5)), jnp.ones((3, 4)))
 
 
@@ -528,7 +529,7 @@ def test_rules_compare_equal_by_parameters():
     assert rules.zplus() == rules.alpha_beta(1, 0)
     assert rules.zbox(np.array([0.0, 1.0]), 1) == rules.zbox([0.0, 1.0], 1.0)
     hash(rules.zbox(np.array([0.0, 1.0]), np.array([1.0, 2.0])))  # per-channel bounds hash
-    assert repr(rules.epsilon(0.25)) == "epsilon(eps=0.25)"
+    assert repr(rules.epsilon(0.25)) == "Epsilon(eps=0.25)"
 
 
 @pytest.mark.parametrize("sign", [-1.0, 1.0], ids=["weak_negative_side", "weak_positive_side"])
@@ -578,20 +579,34 @@ PER_UNIT_LAYERS = {
 @pytest.mark.parametrize("layer_id", list(PER_UNIT_LAYERS))
 @pytest.mark.parametrize("rule", PER_UNIT_RULES, ids=repr)
 def test_per_unit_form_equals_rule(rule, layer_id):
-    """a * per_unit(layer, a, y, R / y) is the rule's R_in, with y the layer's own output."""
+    """a * c_in from rule.backward(layer, a, y, R / y) is the rule's R_in (its definition),
+    with y the layer's own output."""
     make, shape = PER_UNIT_LAYERS[layer_id]
     layer = make()
     rng = np.random.default_rng(6)
     a = jnp.asarray(_inputs(rng, shape))
     y = layer(a)
     c = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
-    per_unit = rules.per_unit(rule)
-    assert per_unit is not None
-    got = a * per_unit(layer, a, y, c)
-    assert_close(got, rule(layer, a, y * c), rtol=2e-5)
+    assert type(rule).backward is not rules.Rule.backward  # a per-unit form of its own
+    c_in, R_in = rule.backward(layer, a, y, c)
+    assert_close(a * c_in, rule(layer, a, y * c), rtol=2e-5)
+    assert_close(R_in, a * c_in, rtol=1e-6)
 
 
-def test_rules_without_per_unit_form():
-    for rule in (rules.flat(), rules.wsquare(), rules.zbox(), rules.identity(), rules.gradient()):
-        assert rules.per_unit(rule) is None
-    assert rules.per_unit(lambda layer, a, R: R) is None  # user rules: the definition only
+def test_rules_without_per_unit_form_use_their_definition():
+    """flat, w^2, z^B, identity and plain functions: backward = definition, c_in = R_in / a."""
+    layer = dense(seed=3)
+    rng = np.random.default_rng(6)
+    a = jnp.asarray(_inputs(rng, (4, 5)))
+    y = layer(a)
+    c = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+    for rule in (rules.flat(), rules.wsquare(), rules.zbox(-2, 2), rules.as_rule(_halves)):
+        assert type(rule).backward is rules.Rule.backward
+        c_in, R_in = rule.backward(layer, a, y, c)
+        assert_close(R_in, rule(layer, a, y * c), rtol=1e-6)
+        assert_close(a * c_in, R_in, rtol=1e-5)
+
+
+def _halves(layer, a, R):
+    """A user rule as a plain function: half of the epsilon rule's relevance."""
+    return 0.5 * rules.epsilon()(layer, a, R)
