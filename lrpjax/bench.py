@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import flax
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import baselines, compilation, models
+from lrpjax import baselines, compilation, models, zoo
 
 __all__ = ["DEFAULT_METHODS", "RATIOS", "add_parser", "benchmark", "method_fn", "table"]
 
@@ -120,6 +121,7 @@ def benchmark(
     repeats: int = 5,
     dtype: str = "float32",
     progress: Callable[[str], None] | None = print,
+    inputs: Callable[[int], np.ndarray] | None = None,
 ) -> dict:
     """Time every method at every batch size.
 
@@ -127,11 +129,16 @@ def benchmark(
       ``{"device": ..., "results": [{"batch_size", "method", "compile_s", "run_s",
       "images_per_second", "vs_forward", "vs_gradient", "vs_epsilon"}, ...]}``, the ratios
       None where their reference method was not timed.
+
+    `inputs(n)` gives a batch of n inputs (default: random images of the miniVGG's shape).
     """
     rng = np.random.default_rng(0)
     rows = []
     for bs in batch_sizes:
-        x = jnp.asarray(rng.random((bs, *models.INPUT_SHAPE), np.float32).astype(dtype))
+        if inputs is None:
+            x = jnp.asarray(rng.random((bs, *models.INPUT_SHAPE), np.float32).astype(dtype))
+        else:
+            x = jnp.asarray(inputs(bs))
         times = {}
         for method in methods:
             fn, state = method_fn(model, method)
@@ -196,6 +203,11 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--checkpoint", help="model weights (default: shipped model)")
     p.add_argument("--random-model", action="store_true", help="random weights instead")
+    p.add_argument(
+        "--zoo",
+        choices=sorted(zoo.ZOO),
+        help="a model of lrpjax.zoo with random weights (e.g. vit) instead of the miniVGG",
+    )
     p.add_argument("--train", action="store_true", help="also time the training step")
     p.add_argument(
         "--jax-defaults",
@@ -209,7 +221,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import lrpjax
 
-    if args.random_model:
+    inputs = None
+    if args.zoo:
+        model = zoo.make(args.zoo)
+        inputs = partial(zoo.example_input, args.zoo)
+    elif args.random_model:
         model = models.MiniVGG(rngs=nnx.Rngs(0))
         model.eval()
     elif args.checkpoint:
@@ -221,7 +237,8 @@ def run(args) -> int:
     for m in methods:
         method_fn(model, m)  # unknown names fail before any timing
     with compilation.jax_defaults() if args.jax_defaults else contextlib.nullcontext():
-        report = benchmark(model, sizes, methods, args.repeats, args.dtype)
+        report = benchmark(model, sizes, methods, args.repeats, args.dtype, inputs=inputs)
+        report["model"] = f"zoo:{args.zoo}" if args.zoo else "minivgg"
         if args.train:
             report["train"] = [train_throughput(bs, args.repeats) for bs in sizes if bs >= 8]
     Path(args.json).write_text(json.dumps(report, indent=2))

@@ -165,6 +165,7 @@ class _Tape:
         self.takes_input: set[str] = set()
         self.rules: dict[str, rules_lib.Rule] = {}
         self.probes: dict[str, jax.Array] | None = None
+        self.masks: Mapping[str, jax.Array] = {}
 
 
 def _fast_forward(layer: nnx.Module) -> Callable[[jax.Array], jax.Array]:
@@ -212,27 +213,31 @@ class _Probe:
             return forward(a) if plain else bound(side)(a)
 
         @jax.custom_vjp
-        def relevance_gate(a, probe, side):
-            del probe
+        def relevance_gate(a, probe, side, mask):
+            del probe, mask
             return call(a, side)
 
-        def fwd(a, probe, side):
+        def fwd(a, probe, side, mask):
             y = call(a, side)
-            return y, (a, side, y)
+            return y, (a, side, y, mask)
 
         def _lrpjax_layer_bwd(residuals, c_out):
-            a, side, y = residuals
+            a, side, y, mask = residuals
+            if mask is not None:  # a condition (CRP): relevance of the chosen outputs only
+                c_out = c_out * mask.astype(c_out.dtype)
             c_in, R_in = rule.backward(bound(side), a, y, c_out)
             if jnp.issubdtype(a.dtype, jnp.floating):
                 c_in = c_in.astype(a.dtype)
             else:  # integer inputs (tokens): their relevance leaves through the probe
                 c_in = glue._zero_cotangent(a)
             probe = tape.probes[path]
-            return c_in, R_in.astype(probe.dtype), tuple(glue._zero_cotangent(s) for s in side)
+            zeros = tuple(glue._zero_cotangent(s) for s in side)
+            mask_cotangent = None if mask is None else jnp.zeros_like(mask)
+            return c_in, R_in.astype(probe.dtype), zeros, mask_cotangent
 
         relevance_gate.defvjp(fwd, _lrpjax_layer_bwd)
         side = tuple(leaf for leaf, arr in zip(leaves, is_array, strict=True) if arr)
-        return relevance_gate(a, tape.probes[path], side)
+        return relevance_gate(a, tape.probes[path], side, tape.masks.get(path))
 
     def _record(self, a, args, kwargs):
         tape, path = self.tape, self.path
@@ -331,7 +336,9 @@ def layer_calls(
 
 def _resolve_rules(plan: _Plan, composite: composites_lib.Composite) -> dict[str, rules_lib.Rule]:
     affine = [p for p in plan.calls if layer_types.is_affine(plan.units[p])]
-    first = affine[0] if affine else None
+    tokens = any(isinstance(plan.units[p], layer_types.EMBEDDINGS) for p in plan.takes_input)
+    # FIRST is the input layer: none where the input is token ids, which an embedding takes.
+    first = affine[0] if affine and not tokens else None
     last = affine[-1] if affine else None
     resolved = {}
     for path in plan.calls:
@@ -366,9 +373,13 @@ def explainer(
       composite, init, layerwise: as for `explain`.
 
     Returns:
-      ``(fn, state)``: ``fn(state, x, target) -> Explanation``, a pure function of arrays,
-      with ``target`` an int array (N,) or (N, K) (K targets per image share one forward
-      pass; -1 means the predicted class); and the model's state to call it with.
+      ``(fn, state)``: ``fn(state, x, target, masks=None) -> Explanation``, a pure function
+      of arrays, with ``target`` an int array (N,) or (N, K) (K targets per image share one
+      forward pass; -1 means the predicted class); and the model's state to call it with.
+      ``masks`` conditions the explanation (Concept Relevance Propagation, Achtibat et al.
+      2023): ``{layer path: mask}``, each mask broadcastable to that layer's output (e.g.
+      (N, 1, 1, C) for channels), multiplies the relevance at the layer's output, so that
+      only the chosen neurons' relevance is propagated to the input.
     """
     graphdef, state = nnx.split(model)
     return _explain_fn(graphdef, composites_lib.get(composite), init, layerwise), state
@@ -376,10 +387,16 @@ def explainer(
 
 @lru_cache(maxsize=64)
 def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
-    def fn(state, x, target):
+    def fn(state, x, target, masks=None):
         plan = _record(graphdef, state, composite, x)
         model, _, tape = _instrumented(graphdef, state, composite)
         tape.rules = _resolve_rules(plan, composite)
+        unknown = set(masks or {}) - set(plan.calls)
+        if unknown:
+            raise LayerError(
+                f"masks for unknown layers {sorted(unknown)}; the layers are {list(plan.calls)}"
+            )
+        tape.masks = dict(masks or {})
         zeros = {p: jnp.zeros(s.shape, s.dtype) for p, s in plan.shapes.items()}
 
         def forward(x, probes):
