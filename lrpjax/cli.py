@@ -1,4 +1,4 @@
-"""The ``lrpjax`` command line: ``lrpjax explain`` (and ``lrpjax bench``)."""
+"""The ``lrpjax`` command line: ``lrpjax explain``, ``lrpjax concepts`` (and ``lrpjax bench``)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,97 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _concepts_parser(sub) -> None:
+    from lrpjax import INITS
+    from lrpjax.composites import PRESETS
+
+    p = sub.add_parser(
+        "concepts",
+        help="Concept Relevance Propagation over a dataset: channel relevance, reference "
+        "images, class statistics, a concept atlas",
+        description="Concept Relevance Propagation (Achtibat et al. 2023) over a dataset: "
+        "the relevance of every channel of the chosen layers for every image, the top-k "
+        "images per channel (by relevance and by activation), mean channel relevance per "
+        "class, and atlas.png. With no arguments: the shipped model on the shipped "
+        "100-image CIFAR-10 sample, offline.",
+    )
+    add_data_arguments(p, verb="analyse")
+    add_model_arguments(p)
+    p.add_argument(
+        "--layer",
+        action="append",
+        help="a layer whose output channels are analysed (repeatable; 'all': every layer "
+        "whose output relevance can be read; default: the convolution and dense layers)",
+    )
+    p.add_argument("--top-k", type=int, default=8, help="reference images per channel")
+    p.add_argument("--composite", default="epsilon", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--init", default="logit", help=f"output relevance: {', '.join(INITS)}")
+    p.add_argument(
+        "--target", default="label", help="label (the default, as CRP), pred, or a class index"
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--atlas-channels", type=int, default=2, help="channels per class in atlas")
+    p.add_argument("--atlas-images", type=int, default=3, help="images per channel in atlas")
+    p.add_argument("--out", default="concepts-out", help="output folder (default: ./concepts-out)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_concepts)
+
+
+def cmd_concepts(args) -> int:
+    """Run ``lrpjax concepts`` from parsed arguments."""
+    from lrpjax import INITS, composites, concepts
+
+    if args.composite not in composites.PRESETS:
+        raise CLIError(
+            f"unknown composite {args.composite!r}; choose from {', '.join(composites.PRESETS)}"
+        )
+    if args.init not in INITS:
+        raise CLIError(f"unknown init {args.init!r}; choose from {', '.join(INITS)}")
+    for flag in ("batch_size", "top_k", "atlas_channels", "atlas_images"):
+        if getattr(args, flag) < 1:
+            raise CLIError(
+                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
+            )
+    loaded = load_model(args)
+    fitted = fit_data(loaded, load_data(args))
+    images, labels, source = fitted.images, fitted.labels, fitted.source
+    target = parse_target(args.target, fitted.num_classes)
+    if target == "label" and (labels < 0).any():
+        raise CLIError("--target label needs labelled images; use --target pred")
+    info = concepts.concept_layers(loaded.model, images[:1], args.composite)
+    if args.layer and "all" in args.layer:
+        layers = [p for p, i in info.items() if i.reader]
+    else:
+        layers = args.layer or concepts.default_layers(info)
+    concepts.check_layers(info, layers)  # before anything is written
+    out = Path(args.out)
+    check_writable(out)
+    settings = {"model": loaded.identity, "data": source, "limit": args.limit, "k": args.top_k}
+    summary = concepts.concepts_dataset(
+        loaded.model,
+        images,
+        labels,
+        out,
+        settings=settings,
+        layers=layers,
+        composite=args.composite,
+        init=args.init,
+        target=target,
+        batch_size=args.batch_size,
+        k=args.top_k,
+        class_names=fitted.class_names,
+        progress=not args.no_progress,
+        atlas_channels=args.atlas_channels,
+        atlas_references=args.atlas_images,
+    )
+    print(f"wrote {out}/: concepts.json, atlas.png, <layer>/relevance.npy, ...")
+    print(
+        f"analysed {summary['images']} images ({source}) at layers {', '.join(layers)} with "
+        f"LRP {args.composite}, init {args.init}, target {target}: {summary['seconds']:.1f} s"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``lrpjax`` command; returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -134,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _explain_parser(sub)
+    _concepts_parser(sub)
     try:
         from lrpjax import bench
 
