@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
-from lrpjax import layer_types, rules
+from lrpjax import canonizers, layer_types, rules
 
 __all__ = [
     "ACTIVATION",
@@ -86,10 +86,12 @@ GLUE_DEFAULTS: dict[str, rules.Rule] = {
 
 
 class Composite(NamedTuple):
-    """An ordered, hashable mapping of keys (path, position, type) to rules."""
+    """An ordered, hashable mapping of keys (path, position, type) to rules, and the
+    canonizers (`lrpjax.canonizers`) applied to the model before it is explained."""
 
     name: str
     mapping: tuple[tuple[Any, RuleLike], ...]
+    canonizers: tuple[Callable, ...] = ()
 
     def explicit_rule(self, path: str, layer: nnx.Module) -> rules.Rule | None:
         """The rule mapped to `path` or to the layer's type, or None (no defaults)."""
@@ -154,7 +156,7 @@ def _preset(name: str, dense, conv, bn, first=None) -> Composite:
     mapping.update({t: rules.epsilon() for t in layer_types.LAYER_NORMS})
     if first is not None:
         mapping[FIRST] = first
-    return from_mapping(mapping, name)
+    return from_mapping(mapping, name)._replace(canonizers=(canonizers.MergeBatchNorm(),))
 
 
 def epsilon(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:

@@ -325,6 +325,52 @@ def _record(graphdef, state, composite, x) -> _Plan:
     return _Plan(tuple(tape.calls), dict(tape.shapes), frozenset(tape.takes_input), units)
 
 
+def traced_units(
+    model: nnx.Module, x, composite: composites_lib.Composite
+) -> tuple[Any, dict[int, str], dict[str, nnx.Module]]:
+    """The model's forward pass as a jaxpr, with its units found in it: for canonizers,
+    which need to know what feeds what.
+
+    Returns:
+      ``(closed_jaxpr, gates, units)``: ``gates`` maps the index of each top-level equation
+      that calls a unit to its path (units inside jit-compiled functions of the model are
+      not listed); ``units`` maps paths to modules. A gate equation's operands are
+      ``(*consts, a, probe, *arrays, ...)`` with ``consts`` as many as its ``num_consts``
+      parameter says; its one output is the unit's output.
+    """
+    graphdef, state = nnx.split(model)
+    plan = _record(graphdef, state, composite, x)
+    instrumented, _, tape = _instrumented(graphdef, state, composite)
+    tape.rules = {p: rules_lib.gradient() for p in plan.calls}  # no backward is taken
+    zeros = {p: jnp.zeros(s.shape, s.dtype) for p, s in plan.shapes.items()}
+
+    def forward(x, probes):
+        tape.probes = probes
+        return instrumented(x)
+
+    closed = jax.make_jaxpr(forward)(x, zeros)
+    probe_vars = dict(zip(closed.jaxpr.invars[1:], sorted(zeros), strict=True))
+    gates = {}
+    for i, eqn in enumerate(closed.jaxpr.eqns):
+        if eqn.primitive.name == "custom_vjp_call" and glue.is_gate(eqn):
+            a_index = eqn.params.get("num_consts", 0)
+            probe = eqn.invars[a_index + 1]
+            if probe in probe_vars:
+                gates[i] = probe_vars[probe]
+    return closed, gates, plan.units
+
+
+def _canonized(graphdef, state, composite, x) -> tuple[Any, nnx.State]:
+    """Apply the composite's canonizers to a copy of the model (inside the trace)."""
+    if not composite.canonizers:
+        return graphdef, state
+    model = nnx.merge(graphdef, state, copy=True)
+    model.eval()
+    for canonizer in composite.canonizers:
+        model = canonizer(model, x, composite)
+    return nnx.split(model)
+
+
 def layer_calls(
     model: nnx.Module, x, composite: str | composites_lib.Composite | Mapping = "epsilon"
 ) -> list[tuple[str, nnx.Module]]:
@@ -388,8 +434,9 @@ def explainer(
 @lru_cache(maxsize=64)
 def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
     def fn(state, x, target, masks=None):
-        plan = _record(graphdef, state, composite, x)
-        model, _, tape = _instrumented(graphdef, state, composite)
+        graph, state = _canonized(graphdef, state, composite, x)
+        plan = _record(graph, state, composite, x)
+        model, _, tape = _instrumented(graph, state, composite)
         tape.rules = _resolve_rules(plan, composite)
         unknown = set(masks or {}) - set(plan.calls)
         if unknown:

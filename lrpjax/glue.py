@@ -46,7 +46,7 @@ from jax.extend import core as jax_core
 from lrpjax.layer_types import LayerError
 from lrpjax.rules import HoldConstant, Rule
 
-__all__ = ["GATE_NAME", "LINEAR", "NONLINEAR", "evaluate", "relevance_gate"]
+__all__ = ["GATE_NAME", "LINEAR", "NONLINEAR", "evaluate", "is_gate", "relevance_gate"]
 
 #: The name of the backward function of the engine's layer gates, by which they are found.
 GATE_NAME = "_lrpjax_layer_bwd"
@@ -386,7 +386,7 @@ def _equation(ev: _Evaluation, eqn) -> None:
     if not any(relevant) or not float_out:  # constants, or no relevance can pass
         ev.write_all(eqn.outvars, _bind(eqn, [ev.read(v) for v in eqn.invars]), False)
         return
-    if name == "custom_vjp_call" and _is_gate(eqn):
+    if name == "custom_vjp_call" and is_gate(eqn):
         ev.write_all(eqn.outvars, _bind(eqn, [ev.read(v) for v in eqn.invars]), True)
         return
     if name == "stop_gradient":
@@ -420,7 +420,8 @@ def _is_float_aval(aval) -> bool:
     return hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.floating)
 
 
-def _is_gate(eqn) -> bool:
+def is_gate(eqn) -> bool:
+    """Whether an equation is one of the engine's layer gates."""
     bwd = eqn.params.get("bwd")
     return (
         getattr(bwd, "__name__", None) == GATE_NAME
