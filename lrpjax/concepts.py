@@ -157,6 +157,8 @@ class _Tap:
 
             call.__name__ = f"lrpjax_tap_{self.path}"
             y = jax.jit(call)(args[0])
+        elif len(args) == 1 and not kwargs:  # as the engine runs it: XLA may share the two
+            y = engine._fast_forward(self.layer)(args[0])
         else:
             y = self.layer(*args, **kwargs)
         self.seen(self.path, args[0] if args else None, y)
@@ -271,18 +273,19 @@ class ChannelRelevance(NamedTuple):
     Attributes:
       relevance: ``{layer: (N, C)}`` channel relevance :math:`\\sum_p R_{n,p,c}` at the
         layer's output.
-      peak: ``{layer: (N, C)}`` int32, the flat index (over the layer's spatial positions,
-        row-major) of each channel's most relevant position; 0 for dense layers.
       activation: ``{layer: (N, C)}`` the channel's largest activation
         :math:`\\max_p a_{n,p,c}`, or None unless asked for.
-      activation_peak: ``{layer: (N, C)}`` int32, where that maximum is; or None.
+      peak: ``{layer: (N, C)}`` int32, the flat index (over the layer's spatial positions,
+        row-major; 0 for dense layers) of each channel's most relevant position, or None
+        unless asked for.
+      activation_peak: ``{layer: (N, C)}`` int32, where the largest activation is; or None.
       logits: (N, classes).
       target: (N,) the explained classes.
     """
 
     relevance: dict[str, jax.Array]
-    peak: dict[str, jax.Array]
     activation: dict[str, jax.Array] | None
+    peak: dict[str, jax.Array] | None
     activation_peak: dict[str, jax.Array] | None
     logits: jax.Array
     target: jax.Array
@@ -293,6 +296,13 @@ def _per_channel(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
+def _first_max(a: jax.Array, top: jax.Array) -> jax.Array:
+    """argmax over axis 1 of (N, P, C) given its max (N, C): the first position where the
+    max is reached, from two plain reductions (a variadic argmax is slow on XLA's CPU)."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, a.shape, 1)
+    return jnp.min(jnp.where(a == top[:, None], iota, a.shape[1]), axis=1).astype(jnp.int32)
+
+
 def channel_explainer(
     model: nnx.Module,
     layers: Mapping[str, ConceptLayer],
@@ -300,6 +310,7 @@ def channel_explainer(
     composite: Any = "epsilon",
     init: str | Callable = "logit",
     activations: bool = False,
+    peaks: bool = False,
 ) -> tuple[Callable, nnx.State]:
     """Channel relevance of several layers from one LRP backward pass, as a pure function.
 
@@ -307,8 +318,10 @@ def channel_explainer(
       model: a Flax NNX model.
       layers: the layers to report, from `concept_layers` (each with a ``reader``).
       composite, init: as for `lrpjax.explain`.
-      activations: also run the forward pass once more with the layers tapped and report
-        each channel's largest activation and where it is (activation maximisation).
+      activations: also run the forward pass with the layers tapped (the engine's layer
+        forwards, which XLA can share with the explanation's) and report each channel's
+        largest activation (activation maximisation).
+      peaks: also report where each channel's relevance (and activation) is largest.
 
     Returns:
       ``(fn, state)`` with ``fn(state, x, target) -> ChannelRelevance``; x (N, ...), target
@@ -322,29 +335,27 @@ def channel_explainer(
 
     def channels(state, x, target) -> ChannelRelevance:
         out = fn(state, x, target)
-        relevance, peak = {}, {}
+        relevance, peak = {}, {} if peaks else None
         for path, reader in wanted.items():
             r = _per_channel(out.layers[reader].astype(jnp.float32))
             relevance[path] = r.sum(axis=1)
-            peak[path] = jnp.argmax(r, axis=1).astype(jnp.int32)
+            if peaks:
+                peak[path] = _first_max(r, r.max(axis=1))
         act = act_peak = None
         if activations:
             found: dict[str, jax.Array] = {}
-            model_ = _tapped(
-                graphdef,
-                state,
-                composite,
-                list(wanted),
-                lambda p, a, y: found.update({p: y}),
-                False,
-            )
-            model_(x)
-            act, act_peak = {}, {}
+
+            def seen(path, a, y):
+                found[path] = y
+
+            _tapped(graphdef, state, composite, list(wanted), seen, False)(x)
+            act, act_peak = {}, {} if peaks else None
             for path in wanted:
                 a = _per_channel(found[path].astype(jnp.float32))
                 act[path] = a.max(axis=1)
-                act_peak[path] = jnp.argmax(a, axis=1).astype(jnp.int32)
-        return ChannelRelevance(relevance, peak, act, act_peak, out.logits, out.target)
+                if peaks:
+                    act_peak[path] = _first_max(a, act[path])
+        return ChannelRelevance(relevance, act, peak, act_peak, out.logits, out.target)
 
     return channels, state
 
@@ -760,7 +771,7 @@ def _file_name(path: str) -> str:
     return path.replace("/", ".")
 
 
-PER_LAYER = ("relevance", "peak", "activation", "activation_peak")
+PER_LAYER = ("relevance", "activation")
 
 
 def _make_step(model, layers, composite, init, devices=None):
@@ -811,11 +822,13 @@ def concepts_dataset(
     The output folder is locked (`lrpjax.pipeline.lock_output`) while the run lasts.
 
     Output (per layer L, in ``out/L/``, "/" in paths written as "."):
-      ``relevance.npy`` (N, C) channel relevance; ``peak.npy`` (N, C) most relevant position;
-      ``activation.npy``, ``activation_peak.npy`` (N, C) largest activation and where;
-      ``top_relevance_index.npy``, ``top_relevance_score.npy`` (C, k) by relevance
-      normalised per image; ``top_activation_index.npy``, ``top_activation_score.npy``
-      (C, k); ``class_mean.npy``, ``class_share.npy`` (classes, C).
+      ``relevance.npy`` (N, C) channel relevance; ``activation.npy`` (N, C) largest
+      activation; ``top_relevance_index.npy``, ``top_relevance_score.npy`` (C, k) by
+      relevance normalised per image, ``top_relevance_position.npy`` (C, k) the flat spatial
+      index of the channel's most relevant position on each of them (the neuron whose
+      heatmap is the reference; 0 for dense layers, -1 where no image); the same three
+      ``top_activation_*.npy`` by activation (position: the largest activation);
+      ``class_mean.npy``, ``class_share.npy`` (classes, C).
       In ``out/``: ``targets.npy``, ``predictions.npy``, ``labels.npy`` (N,),
       ``concepts.json`` (settings, layers, per class the top channels with their share and
       reference images, timing) and ``atlas.png``.
@@ -876,8 +889,7 @@ def _concepts_locked(
     files = {"targets": ((n,), "int32"), "predictions": ((n,), "int32")}
     for path, layer in layers.items():
         for name in PER_LAYER:
-            dt = "int32" if name.endswith("peak") else "float32"
-            files[f"{_file_name(path)}/{name}"] = ((n, layer.channels), dt)
+            files[f"{_file_name(path)}/{name}"] = ((n, layer.channels), "float32")
     manifest_path = work / "manifest.json"
     manifest = pipeline._read_json(manifest_path)
     if manifest and (
@@ -926,9 +938,7 @@ def _concepts_locked(
         for path in layers:
             f = _file_name(path)
             arrays[f"{f}/relevance"][start:stop] = result.relevance[path][:m]
-            arrays[f"{f}/peak"][start:stop] = result.peak[path][:m]
             arrays[f"{f}/activation"][start:stop] = result.activation[path][:m]
-            arrays[f"{f}/activation_peak"][start:stop] = result.activation_peak[path][:m]
         for arr in arrays.values():
             arr.flush()
         done.add(start)
@@ -946,12 +956,14 @@ def _concepts_locked(
     names = names or [str(i) for i in range(num_classes)]
     summary_layers = {}
     derived: dict[str, np.ndarray] = {}
+    tops: dict[str, tuple[TopK, TopK]] = {}
     for path, layer in layers.items():
         f = _file_name(path)
         rel = res[f"{f}/relevance"]
         normed = _normalized_blocks(rel)
         by_rel = top_k(normed, k)
         by_act = top_k(res[f"{f}/activation"], k)
+        tops[path] = (by_rel, by_act)
         stats = class_statistics(rel, targets, num_classes)
         derived |= {
             f"{f}/top_relevance_index": by_rel.index, f"{f}/top_relevance_score": by_rel.score,
@@ -963,7 +975,8 @@ def _concepts_locked(
             if stats.count[c] == 0:
                 continue
             best = stats.order[c, :5]
-            refs = top_k(normed, atlas_references, where=targets == c)
+            shown = best[:atlas_channels]
+            refs = top_k(normed[:, shown], atlas_references, where=targets == c)
             per_class[names[c]] = {
                 "images": int(stats.count[c]),
                 "top_channels": [int(ch) for ch in best],
@@ -972,8 +985,8 @@ def _concepts_locked(
                 "channels_for_50%": int(stats.channels_for[0.5][c]),
                 "channels_for_90%": int(stats.channels_for[0.9][c]),
                 "references": {
-                    str(int(ch)): [int(i) for i in refs.index[ch] if i >= 0]
-                    for ch in best[:atlas_channels]
+                    str(int(ch)): [int(i) for i in refs.index[j] if i >= 0]
+                    for j, ch in enumerate(shown)
                 },
             }
         summary_layers[path] = {
@@ -985,10 +998,25 @@ def _concepts_locked(
             "classes": per_class,
             "top_relevance": by_rel.index[:, : min(k, 4)].tolist(),
         }
+    # Where each channel peaks on its reference images: one more pass over those alone.
+    wanted = set()
+    for path, layer in layers.items():
+        if layer.positions > 1:
+            wanted |= {int(i) for t in tops[path] for i in t.index.ravel() if i >= 0}
+            for cls in summary_layers[path]["classes"].values():
+                wanted |= {i for refs in cls["references"].values() for i in refs}
+    peaks = _peaks_at(
+        model, images, targets, layers, np.array(sorted(wanted), np.int64), composite, init,
+        batch_size,
+    )  # fmt: skip
+    for path in layers:
+        f = _file_name(path)
+        for kind, top in zip(("relevance", "activation"), tops[path], strict=True):
+            derived[f"{f}/top_{kind}_position"] = peaks.lookup(path, kind, top.index)
     for name, arr in derived.items():
         np.save(work / f"{name}.npy", arr)
     atlas_entries = _atlas_entries(
-        model, images, targets, layers, res, summary_layers, names, composite, init,
+        model, images, targets, layers, peaks, summary_layers, names, composite, init,
         atlas_channels, atlas_references,
     )  # fmt: skip
     atlas_figure(
@@ -1027,6 +1055,56 @@ def _concepts_locked(
     return summary
 
 
+class _Peaks:
+    """Where each channel's relevance and activation peak, on some images of the set."""
+
+    def __init__(self, rows: dict[int, int], found: dict[str, dict[str, np.ndarray]]):
+        self.rows, self.found = rows, found
+
+    def lookup(
+        self, path: str, kind: str, index: np.ndarray, channels: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Positions (flat spatial index) for dataset `index` (C, k) of channel row c, or of
+        `channels` (M,) for index (M, 1); -1 where index is -1; 0 for dense layers."""
+        index = np.asarray(index)
+        if channels is None:
+            channels = np.broadcast_to(np.arange(index.shape[0])[:, None], index.shape)
+        else:
+            channels = np.broadcast_to(np.asarray(channels)[:, None], index.shape)
+        out = np.zeros(index.shape, np.int32)
+        if path in self.found:
+            rows = np.array([self.rows.get(int(i), 0) for i in index.ravel()]).reshape(index.shape)
+            out = self.found[path][kind][rows, channels].astype(np.int32)
+        return np.where(index < 0, -1, out)
+
+
+def _peaks_at(
+    model, images, targets, layers, index: np.ndarray, composite, init, batch_size: int
+) -> _Peaks:
+    """Peak positions of the spatial `layers` on the images `index` (M,), in batches."""
+    spatial = {p: info for p, info in layers.items() if info.positions > 1}
+    found: dict[str, dict[str, list]] = {p: {"relevance": [], "activation": []} for p in spatial}
+    if spatial and len(index):
+        fn, state = channel_explainer(
+            model, spatial, composite=composite, init=init, activations=True, peaks=True
+        )
+        step = compilation.jit(fn)
+        size = min(batch_size, len(index))
+        for start in range(0, len(index), size):
+            idx = index[start : start + size]
+            pad = size - len(idx)
+            x = np.concatenate([images[idx], np.zeros((pad, *images.shape[1:]), images.dtype)])
+            t = np.concatenate([np.asarray(targets[idx], np.int32), np.zeros(pad, np.int32)])
+            out = jax.device_get(step(state, x, t))
+            for p in spatial:
+                found[p]["relevance"].append(out.peak[p][: len(idx)])
+                found[p]["activation"].append(out.activation_peak[p][: len(idx)])
+    arrays = {
+        p: {k: np.concatenate(v) for k, v in d.items()} for p, d in found.items() if d["relevance"]
+    }
+    return _Peaks({int(i): r for r, i in enumerate(index)}, arrays)
+
+
 def _normalized_blocks(rel: np.ndarray, block: int = 4096) -> np.ndarray:
     return np.concatenate(
         [normalize(rel[s : s + block]) for s in range(0, len(rel), block)]
@@ -1035,7 +1113,7 @@ def _normalized_blocks(rel: np.ndarray, block: int = 4096) -> np.ndarray:
 
 
 def _atlas_entries(
-    model, images, targets, layers, res, summary_layers, names, composite, init, n_channels,
+    model, images, targets, layers, peaks, summary_layers, names, composite, init, n_channels,
     n_refs,
 ) -> list[dict]:  # fmt: skip
     """Reference images and heatmaps for the atlas: one row per class; per layer, the class's
@@ -1046,7 +1124,6 @@ def _atlas_entries(
     empty = {"images": [], "heatmaps": []}
     rows = {c: {"label": c, "channels": []} for c in names}
     for path, layer in layers.items():
-        f = _file_name(path)
         picks = []  # (class, slot, image index, channel)
         slots: dict[tuple[str, int], dict] = {}
         for cname in names:
@@ -1064,7 +1141,7 @@ def _atlas_entries(
         if picks:
             idx = np.array([p[2] for p in picks])
             chans = np.array([p[3] for p in picks])
-            positions = np.asarray(res[f"{f}/peak"])[idx, chans]
+            positions = peaks.lookup(path, "relevance", idx[:, None], chans)[:, 0]
             heat = reference_heatmaps(
                 model, images[idx], targets[idx], layer, chans, positions,
                 composite=composite, init=init, batch_size=min(64, len(idx)),

@@ -179,7 +179,7 @@ def test_channel_relevance_equals_the_hand_loop(use_bias: bool) -> None:
     layers = concepts.concept_layers(model, x, composite())
     fn, state = concepts.channel_explainer(
         model, {p: layers[p] for p in ("conv1", "conv2", "relu2")}, composite=composite(),
-        activations=True,
+        activations=True, peaks=True,
     )  # fmt: skip
     out = jax.jit(fn)(state, x, jnp.asarray(target))
     _, R_out = hand_lrp(model, x, target)
@@ -270,7 +270,9 @@ def test_a_neurons_heatmap_stays_in_its_receptive_field() -> None:
     model, x = tiny(use_bias=False)
     layers = concepts.concept_layers(model, x, composite())
     target = np.array([0, 1, 2])
-    fn, state = concepts.channel_explainer(model, {"conv2": layers["conv2"]}, composite=composite())
+    fn, state = concepts.channel_explainer(
+        model, {"conv2": layers["conv2"]}, composite=composite(), peaks=True
+    )
     out = fn(state, jnp.asarray(x), jnp.asarray(target))
     channels = np.asarray(out.relevance["conv2"]).argmax(1)  # each image's most relevant channel
     positions = np.asarray(out.peak["conv2"])[np.arange(3), channels]
@@ -413,7 +415,7 @@ def test_cli_writes_statistics_json_and_atlas(full_run: Path) -> None:
     np.testing.assert_array_equal(targets, labels[:20])  # --target label by default
     for layer, c in (("conv3", 64), ("dense1", 512)):
         rel = np.load(out / layer / "relevance.npy")
-        assert rel.shape == (20, c) and np.load(out / layer / "peak.npy").shape == (20, c)
+        assert rel.shape == (20, c)
         top = np.load(out / layer / "top_relevance_index.npy")
         np.testing.assert_array_equal(top, brute_top_k(concepts.normalize(rel), 3))
         act = np.load(out / layer / "activation.npy")
@@ -437,6 +439,14 @@ def test_cli_channel_relevance_matches_the_layerwise_explanation(full_run: Path)
     rel = np.load(full_run / "conv3" / "relevance.npy")[:4]
     want = np.asarray(layers["relu3"]).sum((1, 2))
     np.testing.assert_allclose(rel, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    # the position of each reference: where the channel's relevance peaks on that image
+    index = np.load(full_run / "conv3" / "top_relevance_index.npy")
+    position = np.load(full_run / "conv3" / "top_relevance_position.npy")
+    assert (np.load(full_run / "dense1" / "top_relevance_position.npy") == 0).all()
+    images = index[:6, 0]
+    _, layers = lrpjax.explain(model, x[images], target=y[images], layerwise=True)
+    R = np.asarray(layers["relu3"]).reshape(6, -1, 64)
+    np.testing.assert_array_equal(position[:6, 0], R[np.arange(6), :, np.arange(6)].argmax(1))
 
 
 def test_cli_resumes_after_an_interrupt(tmp_path: Path, monkeypatch, full_run: Path) -> None:
