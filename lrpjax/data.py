@@ -22,12 +22,14 @@ imported for them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import shutil
 import tarfile
 import tempfile
+import zipfile
 import zlib
 from collections.abc import Sequence
 from importlib import resources
@@ -44,6 +46,7 @@ __all__ = [
     "load_with_classes",
     "match_classes",
     "sample",
+    "stamp",
 ]
 
 #: CIFAR-10's class names in its label order (tfds and the shipped sample).
@@ -186,31 +189,55 @@ def _image_folder(
     root = _dataset_root(path, split)
     split_dir = root / split
     cached = split_dir.parent / f".{split}-decoded.npz"
-    stamp = hashlib.sha256(  # any added, removed or rewritten file invalidates the cache
-        "\n".join(
-            f"{p.relative_to(split_dir)}:{st.st_size}:{st.st_mtime_ns}"
-            for p in sorted(split_dir.rglob("*"))
-            for st in [p.stat()]
-        ).encode()
-    ).hexdigest()
+    stamp = _tree_stamp(split_dir)  # any added, removed or rewritten file invalidates it
     if cached.exists():
         try:
             with np.load(cached, allow_pickle=False) as npz:
                 if str(npz["stamp"]) == stamp and "classes" in npz.files:
                     classes = [str(c) for c in npz["classes"]]
                     return npz["images"].astype(np.float32) / 255.0, npz["labels"], classes
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
             pass  # a damaged cache: decode again
     images, labels, classes = _decode_split(split_dir, progress)
-    try:
-        tmp = cached.with_suffix(".tmp.npz")
-        np.savez(
-            tmp, images=images, labels=labels, stamp=np.array(stamp), classes=np.array(classes)
-        )
+    tmp = None
+    try:  # a private temporary name, then an atomic rename: concurrent runs never collide
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{split}-decoded.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f, images=images, labels=labels, stamp=np.array(stamp), classes=np.array(classes)
+            )
         os.replace(tmp, cached)
-    except OSError:
-        pass  # a read-only dataset folder: decode again next time
+    except OSError:  # a read-only dataset folder or a full disk: decode again next time
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return images.astype(np.float32) / 255.0, labels, classes
+
+
+def _tree_stamp(folder: Path) -> str:
+    """A hash of every path under `folder` with its size and modification time."""
+    return hashlib.sha256(
+        "\n".join(
+            f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}"
+            for p in sorted(folder.rglob("*"))
+            for st in [p.stat()]
+        ).encode()
+    ).hexdigest()
+
+
+def stamp(source: str | os.PathLike, split: str = "test") -> str:
+    """A short string that changes when an image folder's split (or an archive) changes:
+    for resume keys. Sizes and modification times only (no file is read); ``""`` for
+    ``"cifar10"`` and for a path that cannot be read."""
+    path = Path(source)
+    if str(source) == "cifar10":
+        return ""
+    try:
+        if path.is_file():
+            st = path.stat()
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        return _tree_stamp(_dataset_root(path, split) / split)[:16]
+    except (OSError, DataUnavailableError):
+        return ""
 
 
 def image_folder(
@@ -242,32 +269,15 @@ def image_folder(
     return images, labels
 
 
-def _snapshot(root: Path, depth: int = 2) -> set[Path]:
-    """Paths under `root` down to `depth` levels (and `root` itself, if it exists)."""
-    if not root.exists():
-        return set()
-    found, level = {root}, [root]
-    for _ in range(depth):
-        level = [c for p in level if p.is_dir() for c in p.iterdir()]
-        found.update(level)
-    return found
-
-
-def _remove_new(root: Path, before: set[Path]) -> None:
-    """Remove what appeared under `root` since `before` (a `_snapshot`), top-most first."""
-    for p in sorted(_snapshot(root) - before, key=lambda p: len(p.parts)):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink(missing_ok=True)
-
-
 def tfds_dataset(name: str = "cifar10", split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """Load a split of a tensorflow-datasets image classification dataset into memory.
 
-    Needs TensorFlow and tensorflow-datasets (``pip install "lrpjax[tfds]"``), and internet
-    the first time. When the load fails, whatever it created in the tfds data folder
-    (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``) is removed again.
+    Needs TensorFlow and tensorflow-datasets (``pip install tensorflow-cpu
+    tensorflow-datasets``, or ``pip install ".[tfds]"`` in a checkout of lrpjax), and
+    internet the first time. The first time, tfds downloads and prepares the dataset in a
+    private temporary folder inside the tfds data folder (``$TFDS_DATA_DIR`` or
+    ``~/tensorflow_datasets``), moved to its place only when complete; a failed download
+    removes it (and nothing else).
 
     Raises:
       DataUnavailableError: in one line: what to install, or that the download failed.
@@ -276,24 +286,43 @@ def tfds_dataset(name: str = "cifar10", split: str = "test") -> tuple[np.ndarray
     missing = [m for m in ("tensorflow_datasets", "tensorflow") if _missing_module(m)]
     if missing:
         raise DataUnavailableError(
-            f"--dataset {name} needs {' and '.join(missing)} (not installed): "
-            f"pip install 'lrpjax[tfds]' (TensorFlow and tensorflow-datasets), {alternative}"
+            f"--dataset {name} needs {' and '.join(missing)} (not installed): install "
+            "TensorFlow and tensorflow-datasets (pip install tensorflow-cpu "
+            'tensorflow-datasets, or pip install ".[tfds]" in a checkout of lrpjax), '
+            f"{alternative}"
         )
     root = Path(os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets")
-    before = _snapshot(root)
+    prepared = any(root.glob(f"{name}/*/dataset_info.json"))
+    made_root = not root.exists()
+    tmp = None
     try:
         import tensorflow_datasets as tfds
 
+        if prepared:
+            where = root
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            where = tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".lrpjax-{name}-"))
         images, labels = tfds.as_numpy(
-            tfds.load(name, split=split, batch_size=-1, as_supervised=True, data_dir=str(root))
+            tfds.load(name, split=split, batch_size=-1, as_supervised=True, data_dir=str(where))
         )
     except Exception as e:  # tfds raises many types: no network, bad split, broken install
-        _remove_new(root, before)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if made_root:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only if empty: another process may be using it
         detail = " ".join(str(e).split())[:300] or type(e).__name__
         raise DataUnavailableError(
             f"tensorflow-datasets could not load {name!r} ({split}); the download needs "
             f"internet ({detail}); {alternative}"
         ) from None
+    if tmp is not None:  # move the prepared versions in; another process may have won
+        for version in (tmp / name).glob("*") if (tmp / name).is_dir() else []:
+            (root / name).mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                os.replace(version, root / name / version.name)
+        shutil.rmtree(tmp, ignore_errors=True)
     return images.astype(np.float32) / 255.0, labels.astype(np.int32)
 
 

@@ -327,6 +327,39 @@ def test_cifar10_without_download_raises_one_line_and_leaves_nothing(monkeypatch
     assert sorted(p.name for p in tfds_dir.iterdir()) == ["mnist"]
 
 
+def test_cifar10_download_in_a_private_folder_moved_in_when_complete(monkeypatch, tmp_path):
+    """Another process's download in progress is never touched; a finished download is moved
+    into the tfds folder, and the next load reads it from there."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    tfds_dir = tmp_path / "tfds"
+    other = tfds_dir / "cifar10" / "3.0.2.incomplete-other"  # another process's download
+    other.mkdir(parents=True)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
+    seen = []
+
+    def fake_load(name, *, split, data_dir, **kwargs):
+        seen.append(Path(data_dir))
+        version = Path(data_dir) / name / "3.0.2"
+        if not (version / "dataset_info.json").exists():
+            version.mkdir(parents=True)
+            (Path(data_dir) / "downloads").mkdir()
+            (version / "dataset_info.json").write_text("{}")
+        return np.zeros((2, 32, 32, 3), np.uint8), np.array([3, 5])
+
+    monkeypatch.setattr(data, "_missing_module", lambda name: False)
+    monkeypatch.setattr(tfds, "load", fake_load)
+    monkeypatch.setattr(tfds, "as_numpy", lambda x: x)
+    images, labels = data.load("cifar10", "test")
+    assert images.shape == (2, 32, 32, 3) and labels.tolist() == [3, 5]
+    assert seen[0].parent == tfds_dir and seen[0].name.startswith(".lrpjax-cifar10-")
+    assert sorted(p.name for p in tfds_dir.iterdir()) == ["cifar10"]  # no downloads/, no tmp
+    assert sorted(p.name for p in (tfds_dir / "cifar10").iterdir()) == [
+        "3.0.2", "3.0.2.incomplete-other",
+    ]  # fmt: skip
+    data.load("cifar10", "test")
+    assert seen[1] == tfds_dir  # prepared: read in place
+
+
 def test_cifar10_without_tensorflow_says_what_to_install(monkeypatch, tmp_path):
     """tensorflow-datasets without TensorFlow (as here): one line naming the install."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
@@ -337,7 +370,8 @@ def test_cifar10_without_tensorflow_says_what_to_install(monkeypatch, tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert "needs tensorflow (not installed)" in message
-    assert "pip install 'lrpjax[tfds]'" in message
+    assert "pip install tensorflow-cpu" in message and 'pip install ".[tfds]"' in message
+    assert "lrpjax[tfds]" not in message  # not on PyPI
     assert_names_both_ways(info.value)
     assert not (tmp_path / "tfds").exists() and not (tmp_path / "home").exists()
 
@@ -394,6 +428,34 @@ def test_old_cache_without_class_names_is_decoded_again(folder, image_folder_exp
     assert labels.max() == CIFAR10.index("dog")
     with np.load(cached) as npz:
         assert list(npz["classes"]) == ["airplane", "cat", "dog"]
+
+
+def test_truncated_cache_is_decoded_again(folder, image_folder_expected):
+    data.image_folder(folder, "test", progress=False)
+    cached = folder / ".test-decoded.npz"
+    cached.write_bytes(cached.read_bytes()[:200])  # as a kill while writing it would leave
+    assert_split(*data.image_folder(folder, "test", progress=False), image_folder_expected["test"])
+    with np.load(cached) as npz:  # rewritten whole
+        assert npz["images"].shape == (12, 32, 32, 3)
+
+
+def test_cache_write_failure_leaves_no_temporary_file(folder, image_folder_expected, monkeypatch):
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert_split(*data.image_folder(folder, "test", progress=False), image_folder_expected["test"])
+    assert sorted(p.name for p in folder.iterdir()) == ["test", "train"]
+
+
+def test_stamp_changes_with_the_files(folder, tmp_path):
+    before = data.stamp(folder, "test")
+    assert before and before == data.stamp(folder, "test")
+    assert data.stamp(folder, "train") != before
+    first = next((folder / "test" / "cat").iterdir())
+    first.write_bytes(first.read_bytes() + b"\0")
+    assert data.stamp(folder, "test") != before
+    assert data.stamp("cifar10", "test") == "" and data.stamp(tmp_path / "nothing") == ""
 
 
 def test_image_folder_does_not_import_tensorflow(folder):
