@@ -868,7 +868,7 @@ def _concepts_locked(
     model, images, labels, out: Path, layers: dict[str, ConceptLayer], *, settings, composite,
     init, target, batch_size, k, class_names, progress, atlas_channels, atlas_references,
 ) -> dict:  # fmt: skip
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # a text bar; tqdm.auto warns in notebooks without widgets
 
     n = len(images)
     step, state, num_devices = _make_step(model, layers, composite, init)
@@ -1021,7 +1021,8 @@ def _concepts_locked(
     )  # fmt: skip
     atlas_figure(
         atlas_entries,
-        title=f"concept atlas: {settings.get('data', '')}, LRP {composite}, target {target}",
+        title=f"concept atlas: {Path(str(settings.get('data', ''))).name}, LRP {composite}, "
+        f"target {target}",
         path=work / "atlas.png",
     )
     labels_arr = np.asarray(labels, np.int32)
