@@ -26,12 +26,12 @@ import lrpjax
 from lrpjax import concepts, pipeline
 
 
-def _median_seconds(call, repeats: int) -> float:
-    jax.block_until_ready(call())  # compile
+def _median_seconds(fn, args: tuple, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(call())
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -54,11 +54,11 @@ def main() -> None:
     result = {"device": str(jax.devices()[0]), "cpu": platform.processor(), "batch": len(x)}
 
     step, state, _ = pipeline.make_step(model, "epsilon", "logit")
-    result["explain_s"] = _median_seconds(lambda: step(state, x, t), args.repeats)
+    result["explain_s"] = _median_seconds(step, (state, x, t), args.repeats)
     for name, acts in (("channels_s", False), ("channels_activations_s", True)):
         fn, st = concepts.channel_explainer(model, readable, activations=acts)
         compiled = lrpjax.jit(fn)
-        result[name] = _median_seconds(lambda: compiled(st, x, t), args.repeats)
+        result[name] = _median_seconds(compiled, (st, x, t), args.repeats)
     result["layers"] = len(readable)
     result["channels_vs_explain"] = result["channels_s"] / result["explain_s"]
     result["channels_activations_vs_explain"] = (
@@ -73,7 +73,7 @@ def main() -> None:
         masks = concepts.channel_masks(info.channels, np.arange(args.channels), 1 + len(info.shape))
         fn, st = concepts.conditional_explainer(model, layer)
         compiled = lrpjax.jit(fn)
-        seconds = _median_seconds(lambda: compiled(st, xc, tc, masks), args.repeats)
+        seconds = _median_seconds(compiled, (st, xc, tc, masks), args.repeats)
         result["conditional"][layer] = {
             "images": len(xc),
             "channels": args.channels,
