@@ -1,5 +1,7 @@
 """lrpjax: Layer-wise Relevance Propagation for Flax NNX models, as pure JAX functions."""
 
+from flax import nnx
+
 from lrpjax import baselines, compilation, composites, data, layers, metrics, models, rules, viz
 from lrpjax.compilation import jit
 from lrpjax.engine import INITS, Explanation, LayerError, explain, explainer, output_relevance
@@ -7,16 +9,21 @@ from lrpjax.engine import INITS, Explanation, LayerError, explain, explainer, ou
 PRETRAINED = "minivgg_cifar10.npz"
 
 
-def load_pretrained() -> models.MiniVGG:
-    """The shipped MiniVGG trained on CIFAR-10, in eval mode (offline; no TensorFlow).
+def load_pretrained(name: str = "minivgg") -> nnx.Module:
+    """A shipped model trained on CIFAR-10, in eval mode (offline; no TensorFlow).
+
+    Args:
+      name: a key of `lrpjax.models.SHIPPED`: ``"minivgg"`` (the default, `models.MiniVGG`)
+        or ``"vit"`` (`models.CCT`, a compact convolutional transformer).
 
     The weights and their training metrics are in ``lrpjax/assets/``; see the README's
     model card.
-    """
-    from importlib import resources
 
-    with resources.as_file(resources.files("lrpjax") / "assets" / PRETRAINED) as path:
-        return models.load(path)
+    Raises:
+      ValueError: an unknown name.
+      lrpjax.models.ModelFileError: the model's weight file is not installed.
+    """
+    return models.load_shipped(name)[0]
 
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""The reference miniVGG for CIFAR-10, its input convention, weight files for any NNX model,
-and the registry of shipped models.
+"""The reference miniVGG and a compact convolutional transformer for CIFAR-10, their input
+convention, weight files for any NNX model, and the registry of shipped models.
 
 Weight files are NumPy ``.npz`` archives read with ``allow_pickle=False``: one array per
 model variable (`nnx.Param` and `nnx.BatchStat`), keyed ``model/<path>``, and a JSON header
@@ -10,13 +10,16 @@ files.
 Any Flax NNX model can be saved with `save` and loaded back with `load` given a factory that
 builds the same architecture (``load(path, factory=make_my_net)``); the factory is run under
 `nnx.eval_shape`, so building costs nothing, and the header's architecture must match the
-built model's class name. MiniVGG files load without a factory.
+built model's class name. MiniVGG and CCT files load without a factory (a model with a
+``hyperparameters`` dict, such as `CCT`, records it in the header, and `load` rebuilds it
+from there).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import json
 import os
 import sys
@@ -33,6 +36,7 @@ from flax import nnx
 from lrpjax.layers import Flatten, MaxPool, ReLU
 
 __all__ = [
+    "CCT",
     "CLASS_NAMES",
     "INPUT_SHAPE",
     "NUM_CLASSES",
@@ -108,6 +112,127 @@ class MiniVGG(nnx.Module):
         for name in self.LAYERS:
             x = getattr(self, name)(x)
         return x
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm transformer encoder block: ``x + Drop(MHA(LN(x)))``, then
+    ``x + Drop(Linear(GELU(Linear(LN(x)))))``.
+
+    Every layer module is called exactly once per forward pass; the two dropouts are
+    separate modules (toggled by ``model.train()`` / ``model.eval()``).
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, *, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=heads, in_features=dim, decode=False, rngs=rngs
+        )
+        self.drop1 = nnx.Dropout(dropout, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.mlp1 = nnx.Linear(dim, mlp_dim, rngs=rngs)
+        self.mlp2 = nnx.Linear(mlp_dim, dim, rngs=rngs)
+        self.drop2 = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.drop1(self.attn(self.norm1(x)))
+        return x + self.drop2(self.mlp2(nnx.gelu(self.mlp1(self.norm2(x)))))
+
+
+class CCT(nnx.Module):
+    """A Compact Convolutional Transformer (CCT) for 32x32 images (Hassani et al. 2021).
+
+    Architecture (defaults, "CCT-4/3x2" of the paper with non-overlapping pooling):
+
+    - convolutional tokenizer, ``len(channels) + 1`` stages of Conv 3x3 (no bias, SAME) ->
+      ReLU -> MaxPool 2x2 with ``*channels, dim`` output channels: 32x32x3 -> 16x16x64 ->
+      8x8x128, i.e. 64 tokens of width ``dim``; the paper pools with overlapping 3x3 windows
+      of stride 2, here 2x2 windows (`lrpjax.layers.MaxPool`), which the LRP engine
+      explains with the winner-take-all rule;
+    - a learned position embedding added to the tokens;
+    - ``depth`` pre-norm transformer blocks (`TransformerBlock`: `nnx.MultiHeadAttention`
+      with ``heads`` heads, LayerNorm, GELU MLP of width ``mlp_dim``, residual additions,
+      dropout ``dropout``);
+    - LayerNorm, then sequence pooling instead of a class token: token weights
+      ``softmax_t(Linear(x_t))`` over the tokens, ``z = sum_t w_t x_t``;
+    - Linear ``dim -> num_classes``: (N, num_classes) logits.
+
+    The defaults have 483,659 trainable parameters (1.9 MB as float32). Input: (N, 32, 32, 3)
+    float32 in [0, 1] (other sizes divisible by ``2 ** (len(channels) + 1)`` work, with a
+    matching ``image_size``). Dropout and attention follow ``model.train()`` /
+    ``model.eval()``.
+
+    References:
+      Hassani, Walton, Shah, Abuduweili, Li, Shi (2021). Escaping the Big Data Paradigm with
+      Compact Transformers. arXiv:2104.05704.
+      Dosovitskiy et al. (2021). An Image is Worth 16x16 Words: Transformers for Image
+      Recognition at Scale. ICLR.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 32,
+        in_channels: int = 3,
+        channels: int | Sequence[int] = (64,),
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 2,
+        mlp_dim: int = 128,
+        dropout: float = 0.1,
+        num_classes: int = NUM_CLASSES,
+        rngs: nnx.Rngs,
+    ):
+        channels = [int(channels)] if isinstance(channels, int) else [int(c) for c in channels]
+        stages = [in_channels, *channels, dim]
+        self.num_stages = len(stages) - 1
+        if image_size % 2**self.num_stages:
+            raise ValueError(
+                f"image_size {image_size} is not divisible by 2 ** {self.num_stages} "
+                "(one 2x2 pooling per tokenizer stage)"
+            )
+        for i, (cin, cout) in enumerate(itertools.pairwise(stages), start=1):
+            setattr(
+                self,
+                f"conv{i}",
+                nnx.Conv(cin, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs),
+            )
+            setattr(self, f"relu{i}", ReLU())
+            setattr(self, f"pool{i}", MaxPool((2, 2)))
+        tokens = (image_size // 2**self.num_stages) ** 2
+        init = nnx.initializers.truncated_normal(0.2)
+        self.pos_embed = nnx.Param(init(rngs.params(), (1, tokens, dim)))
+        self.depth = depth
+        for i in range(depth):
+            setattr(self, f"block{i}", TransformerBlock(dim, heads, mlp_dim, dropout, rngs=rngs))
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.pool_score = nnx.Linear(dim, 1, rngs=rngs)
+        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+        self.num_classes = num_classes
+        self.config = (
+            ("image_size", image_size), ("in_channels", in_channels), ("channels", tuple(channels)),
+            ("dim", dim), ("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim),
+            ("dropout", dropout), ("num_classes", num_classes),
+        )  # fmt: skip
+
+    @property
+    def hyperparameters(self) -> dict:
+        """The constructor's arguments (JSON-serialisable): `save` writes them in the header."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.config}
+
+    def tokens(self, x: jax.Array) -> jax.Array:
+        """The tokenizer: (N, H, W, C) images -> (N, T, dim) tokens with position embedding."""
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"pool{i}")(getattr(self, f"relu{i}")(getattr(self, f"conv{i}")(x)))
+        n, dim = x.shape[0], x.shape[-1]
+        return x.reshape(n, -1, dim) + self.pos_embed[...]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.tokens(x)
+        for i in range(self.depth):
+            x = getattr(self, f"block{i}")(x)
+        x = self.norm(x)
+        weights = jax.nn.softmax(self.pool_score(x), axis=1)  # (N, T, 1), over the tokens
+        return self.head(jnp.sum(weights * x, axis=1))
 
 
 def count_params(model: nnx.Module) -> int:
@@ -278,8 +403,9 @@ def save(
         if len(set(class_names)) != len(class_names):
             raise ValueError("class names must be distinct")
         num_classes = len(class_names)
-    if input_shape is None and isinstance(model, MiniVGG):
-        input_shape = INPUT_SHAPE
+    if input_shape is None and isinstance(model, MiniVGG | CCT):
+        input_shape = INPUT_SHAPE if isinstance(model, MiniVGG) else _cct_input_shape(model)
+    hyper = getattr(model, "hyperparameters", None)
     header = {
         "format": "lrpjax-weights",
         "version": FORMAT_VERSION,
@@ -288,9 +414,27 @@ def save(
         **({"num_classes": num_classes} if num_classes is not None else {}),
         **({"class_names": class_names} if class_names is not None else {}),
         **({"input_shape": [int(d) for d in input_shape]} if input_shape is not None else {}),
+        **({"hyperparameters": dict(hyper)} if isinstance(hyper, Mapping) else {}),
         **meta,
     }
     write_arrays(path, arrays, header)
+
+
+def _cct_input_shape(model: CCT) -> tuple[int, int, int]:
+    h = model.hyperparameters
+    return (h["image_size"], h["image_size"], h["in_channels"])
+
+
+def _cct_from(meta: Mapping) -> CCT:
+    """A CCT of the hyperparameters a header records (the class count from the header)."""
+    hyper = dict(meta.get("hyperparameters") or {})
+    hyper["num_classes"] = int(meta.get("num_classes", hyper.get("num_classes", NUM_CLASSES)))
+    try:
+        return CCT(**hyper, rngs=nnx.Rngs(0))
+    except TypeError as e:
+        raise ModelFileError(
+            f"the header's CCT hyperparameters {hyper} do not fit CCT: {e}"
+        ) from None
 
 
 def restore(model: nnx.Module, arrays: Mapping[str, np.ndarray], source: str = "weights") -> None:
@@ -344,6 +488,7 @@ ARCHITECTURES: dict[str, Callable[[dict], nnx.Module]] = {
     "MiniVGG": lambda meta: MiniVGG(
         num_classes=int(meta.get("num_classes", NUM_CLASSES)), rngs=nnx.Rngs(0)
     ),
+    "CCT": _cct_from,
 }
 
 
@@ -480,14 +625,24 @@ SHIPPED: dict[str, ShippedModel] = {
         lambda: MiniVGG(rngs=nnx.Rngs(0)),
         "miniVGG trained on CIFAR-10 (87.13% test accuracy)",
     ),
+    "vit": ShippedModel(
+        "vit_cifar10.npz",
+        lambda: CCT(rngs=nnx.Rngs(0)),
+        "compact convolutional transformer (CCT-4/3x2) trained on CIFAR-10",
+    ),
 }
 
 
 def load_shipped(name: str = "minivgg") -> tuple[nnx.Module, dict]:
     """A shipped model in eval mode and its weight file's header (offline).
 
+    The architecture is built from the weight file's header where lrpjax knows it (so a
+    shipped file with other hyperparameters than the entry's factory still loads), else by
+    the entry's factory.
+
     Raises:
       ValueError: no shipped model has that name.
+      ModelFileError: its weight file is not installed (e.g. not trained yet), or is corrupt.
     """
     from importlib import resources
 
@@ -495,4 +650,12 @@ def load_shipped(name: str = "minivgg") -> tuple[nnx.Module, dict]:
         raise ValueError(f"unknown model {name!r}; shipped: {', '.join(SHIPPED)}")
     entry = SHIPPED[name]
     with resources.as_file(resources.files("lrpjax") / "assets" / entry.weights) as path:
-        return load(path, factory=entry.factory), read_header(path)
+        if not Path(path).is_file():
+            raise ModelFileError(
+                f"the weights of the shipped model {name!r} ({entry.description}) are not "
+                f"installed: {path} does not exist (train them with "
+                f"`python -m train --model {name} ...`, see docs/vit_training.md)"
+            )
+        header = read_header(path)
+        factory = None if header.get("architecture") in ARCHITECTURES else entry.factory
+        return load(path, factory=factory), header

@@ -1,4 +1,4 @@
-"""MiniVGG's architecture and behaviour, its weight files, the max-pool layer, input checks."""
+"""MiniVGG and CCT: architecture, behaviour, weight files; the max-pool layer; input checks."""
 
 from __future__ import annotations
 
@@ -482,8 +482,8 @@ def test_class_names_fall_back():
 def test_shipped_registry_loads_the_minivgg():
     model, header = models.load_shipped("minivgg")
     assert isinstance(model, MiniVGG) and header["architecture"] == "MiniVGG"
-    with pytest.raises(ValueError, match="unknown model 'vit'"):
-        models.load_shipped("vit")
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        models.load_shipped("resnet")
 
 
 def test_import_factory(tmp_path, monkeypatch):
@@ -499,3 +499,122 @@ def test_import_factory(tmp_path, monkeypatch):
                          ("userpkg.missing:f", "cannot import")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             models.import_factory(bad)
+
+
+# --- the compact convolutional transformer (CCT) -------------------------------------------
+
+TINY_CCT = {"channels": 8, "dim": 16, "depth": 2, "heads": 2, "mlp_dim": 24}
+#: Layer types the LRP engine explains (see the model's docstring); containers aside.
+EXPLAINABLE = (
+    nnx.Conv, nnx.Linear, nnx.LinearGeneral, nnx.LayerNorm, nnx.MultiHeadAttention, nnx.Dropout,
+    MaxPool, ReLU,
+)  # fmt: skip
+
+
+def test_cct_default_size_and_layers():
+    m = models.CCT(rngs=nnx.Rngs(0))
+    assert models.count_params(m) == 483_659  # CCT-4/3x2 of Hassani et al. (0.48M)
+    assert 4 * models.count_params(m) <= 10 * 2**20  # float32 weights fit in 10 MB
+    assert [m.conv1.out_features, m.conv2.out_features] == [64, 128]
+    assert m.pos_embed[...].shape == (1, 64, 128)  # 8 x 8 tokens
+    assert m.depth == 4 and not hasattr(m, "block4")
+    assert all(getattr(m, f"block{i}").attn.num_heads == 2 for i in range(4))
+    assert (m.block0.mlp1.in_features, m.block0.mlp1.out_features) == (128, 128)
+    assert (m.pool_score.out_features, m.head.out_features) == (1, 10)
+    assert not m.conv1.use_bias and m.block0.attn.decode is False
+    leaves = [
+        type(mod)
+        for path, mod in nnx.iter_modules(m)
+        if path and not isinstance(mod, models.TransformerBlock)
+    ]
+    assert set(leaves) <= set(EXPLAINABLE), set(leaves) - set(EXPLAINABLE)
+
+
+def test_cct_forward_by_hand():
+    """The logits equal the architecture written out with the layers' own calls."""
+    m = models.CCT(**TINY_CCT, rngs=nnx.Rngs(3))
+    m.eval()
+    x = images(3)
+    h = x
+    for conv in (m.conv1, m.conv2):
+        h = max_pool(jax.nn.relu(conv(h)), (2, 2))
+    assert h.shape == (3, 8, 8, 16)
+    t = h.reshape(3, 64, 16) + m.pos_embed[...]
+    for block in (m.block0, m.block1):
+        t = t + block.attn(block.norm1(t))
+        t = t + block.mlp2(jax.nn.gelu(block.mlp1(block.norm2(t))))
+    t = m.norm(t)
+    score = t @ m.pool_score.kernel[...] + m.pool_score.bias[...]  # (3, 64, 1)
+    w = np.exp(score - score.max(axis=1, keepdims=True))
+    w = w / w.sum(axis=1, keepdims=True)
+    expected = m.head((w * t).sum(axis=1))
+    np.testing.assert_allclose(np.asarray(m(x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_cct_modes_and_per_image_eval():
+    m = models.CCT(**TINY_CCT, rngs=nnx.Rngs(0))
+    x = images(4)
+    m.train()
+    assert not m.block0.drop1.deterministic
+    a, b = np.asarray(m(x)), np.asarray(m(x))
+    assert not np.array_equal(a, b)  # dropout
+    m.eval()
+    assert m.block1.drop2.deterministic and m.block0.attn.deterministic
+    a = np.asarray(m(x))
+    assert a.shape == (4, 10) and np.all(np.isfinite(a))
+    np.testing.assert_array_equal(a, np.asarray(m(x)))
+    np.testing.assert_allclose(np.asarray(m(x[1:2])), a[1:2], rtol=1e-5, atol=1e-5)
+
+
+def test_cct_rejects_image_sizes_the_tokenizer_cannot_pool():
+    with pytest.raises(ValueError, match="not divisible by 2 \\*\\* 2"):
+        models.CCT(image_size=30, rngs=nnx.Rngs(0))
+
+
+def test_cct_save_load_from_header(tmp_path):
+    m = models.CCT(**TINY_CCT, num_classes=4, rngs=nnx.Rngs(7))
+    m.eval()
+    path = tmp_path / "cct.npz"
+    models.save(m, path, class_names=["a", "b", "c", "d"], test_accuracy=0.5)
+    meta = models.read_header(path)
+    assert meta["architecture"] == "CCT" and meta["num_classes"] == 4
+    assert meta["input_shape"] == [32, 32, 3]
+    assert meta["hyperparameters"] == {**m.hyperparameters, "channels": [8]}
+    loaded = models.load(path)  # no factory: built from the header
+    assert isinstance(loaded, models.CCT) and loaded.hyperparameters == m.hyperparameters
+    assert loaded.block0.drop1.deterministic
+    x = images(2)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(m(x)))
+    # A factory of another size is refused, naming what does not fit.
+    with pytest.raises(ModelFileError, match="does not fit CCT"):
+        models.load(path, factory=lambda: models.CCT(num_classes=4, rngs=nnx.Rngs(0)))
+    # MiniVGG files still load without a factory beside it.
+    models.save(MiniVGG(rngs=nnx.Rngs(0)), tmp_path / "vgg.npz")
+    assert isinstance(models.load(tmp_path / "vgg.npz"), MiniVGG)
+
+
+def test_shipped_vit_entry(tmp_path, monkeypatch):
+    import dataclasses
+
+    import lrpjax
+
+    assert "vit" in models.SHIPPED and "minivgg" in models.SHIPPED
+    # The registry's factory builds the architecture the shipped file will hold.
+    assert isinstance(nnx.eval_shape(models.SHIPPED["vit"].factory), models.CCT)
+    # An absolute file name stands in for the asset (the package folder is left alone).
+    missing = dataclasses.replace(models.SHIPPED["vit"], weights=str(tmp_path / "none.npz"))
+    monkeypatch.setitem(models.SHIPPED, "vit", missing)
+    with pytest.raises(ModelFileError, match=r"weights of the shipped model 'vit'.*not installed"):
+        lrpjax.load_pretrained("vit")
+    m = models.CCT(**TINY_CCT, rngs=nnx.Rngs(1))
+    models.save(m, tmp_path / "vit.npz", test_accuracy=0.9)
+    there = dataclasses.replace(missing, weights=str(tmp_path / "vit.npz"))
+    monkeypatch.setitem(models.SHIPPED, "vit", there)
+    loaded = lrpjax.load_pretrained("vit")  # other sizes than the factory's: from the header
+    assert isinstance(loaded, models.CCT) and loaded.hyperparameters["depth"] == 2
+    assert loaded.block0.drop1.deterministic
+    x = images(1)
+    m.eval()
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(m(x)))
+    assert models.load_shipped("vit")[1]["test_accuracy"] == 0.9
+    assert isinstance(lrpjax.load_pretrained(), MiniVGG)  # the default stays the miniVGG

@@ -378,3 +378,108 @@ def test_weight_decay_shrinks_kernels_only():
     np.testing.assert_allclose(new["dense"]["kernel"], 1 - 0.5 * 0.1)  # p - lr * wd * p
     np.testing.assert_allclose(new["dense"]["bias"], 1.0)
     assert parse_args(["--weight-decay", "0.05"])[0].weight_decay == 0.05
+
+
+# --- the vision transformer (--model vit) --------------------------------------------------
+
+TINY_VIT = "vit:channels=8,dim=16,depth=1,heads=2,mlp_dim=16"
+
+
+@pytest.fixture(scope="module")
+def vit_straight(tmp_path_factory, tiny_data):
+    """A 2-epoch tiny CCT run with label smoothing: (out dir, returned model, history)."""
+    out = tmp_path_factory.mktemp("vit-straight")
+    config = config_for(out, model=TINY_VIT, label_smoothing=0.1, weight_decay=0.05)
+    model, history = train.train(config, tiny_data, progress=False)
+    return out, model, history
+
+
+def test_build_model_specs():
+    vit = trainer.build_model("vit:channels=8/12,dim=16,depth=3,heads=4,mlp_dim=24,dropout=0.2")
+    assert isinstance(vit, models.CCT)
+    assert vit.hyperparameters == {
+        "image_size": 32, "in_channels": 3, "channels": [8, 12], "dim": 16, "depth": 3,
+        "heads": 4, "mlp_dim": 24, "dropout": 0.2, "num_classes": 10,
+    }  # fmt: skip
+    assert vit.conv3.out_features == 16 and vit.block2.attn.num_heads == 4
+    assert isinstance(trainer.build_model("minivgg"), models.MiniVGG)
+    for bad, message in [("resnet", "unknown model 'resnet'"), ("vit:depth", "key=value"),
+                         ("vit:width=3", "bad arguments")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            trainer.build_model(bad)
+
+
+def test_label_smoothing_loss(tiny_data):
+    """The training loss is cross-entropy against (1 - a) one_hot + a / classes."""
+    x, y = tiny_data[0][:4], tiny_data[1][:4]
+    for smoothing in (0.0, 0.2):
+        config = config_for(Path("unused"), model=TINY_VIT, label_smoothing=smoothing)
+        model = trainer.build_model(config.model)
+        steps = trainer._Steps(model, train.make_optimizer(config, 1), config)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        loss, (logits, _) = steps._loss(params, rest, x, y)  # the loss of these logits
+        targets = (1 - smoothing) * np.eye(10)[y] + smoothing / 10
+        logp = np.asarray(jax.nn.log_softmax(logits))
+        assert float(loss) == pytest.approx(-(targets * logp).sum(-1).mean(), rel=1e-5)
+
+
+def test_vit_run_saves_a_loadable_model(vit_straight, tiny_data):
+    out, model, history = vit_straight
+    assert isinstance(model, models.CCT)
+    assert model.block0.drop1.deterministic and model.block0.attn.deterministic in (None, True)
+    assert [r["epoch"] for r in history] == [1, 2]
+    x = tiny_data[2][:4]
+    for name in ("model.npz", "checkpoint.npz"):
+        loaded = models.load(out / name)  # no factory: the header names CCT and its sizes
+        assert isinstance(loaded, models.CCT)
+        assert loaded.hyperparameters == model.hyperparameters
+        np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    meta = models.read_header(out / "model.npz")
+    assert meta["architecture"] == "CCT" and meta["input_shape"] == [32, 32, 3]
+    assert meta["hyperparameters"]["dim"] == 16
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["model"] == TINY_VIT
+    assert metrics["config"]["label_smoothing"] == 0.1
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_vit_run_resumes_to_identical_weights(vit_straight, tiny_data, tmp_path):
+    out_a, _, history_a = vit_straight
+    config = config_for(tmp_path, model=TINY_VIT, label_smoothing=0.1, weight_decay=0.05)
+
+    def stop_after_epoch_1(record):
+        if record["epoch"] == 1:
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        train.train(config, tiny_data, progress=False, on_epoch=stop_after_epoch_1)
+    _, history_b = train.train(config, tiny_data, resume=True, progress=False)
+    assert numbers(history_b) == numbers(history_a)
+    assert_same_arrays(weights(tmp_path / "model.npz"), weights(out_a / "model.npz"))
+    assert_same_arrays(weights(tmp_path / "checkpoint.npz"), weights(out_a / "checkpoint.npz"))
+    # Another architecture or label smoothing cannot resume this checkpoint.
+    for change in ({"model": "vit:channels=8,dim=16,depth=2,heads=2,mlp_dim=16"},
+                   {"label_smoothing": 0.0}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(change))):
+            train.train(dataclasses.replace(config, **change), tiny_data, resume=True)
+
+
+def test_cli_model_and_label_smoothing_flags():
+    config, _, _ = parse_args(["--model", "vit", "--label-smoothing", "0.1"])
+    assert (config.model, config.label_smoothing) == ("vit", 0.1)
+    assert parse_args([])[0].model == "minivgg"
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "transformer"])
+
+
+def test_cli_trains_the_vit(image_folder, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(
+        "--data", str(image_folder), "--epochs", "1", "--batch-size", "4", "--model", TINY_VIT,
+        "--out", str(out), "--no-progress",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    model = models.load(out / "model.npz")
+    assert isinstance(model, models.CCT) and model.hyperparameters["depth"] == 1
+    assert model(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 10)

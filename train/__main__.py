@@ -1,4 +1,5 @@
-"""``python -m train``: train MiniVGG on CIFAR-10 (tfds) or an image folder."""
+"""``python -m train``: train MiniVGG (default) or the CCT vision transformer on CIFAR-10
+(tfds) or an image folder."""
 
 from __future__ import annotations
 
@@ -6,15 +7,25 @@ import argparse
 import shlex
 import sys
 
-from train.trainer import SCHEDULES, Config, train
+from flax import nnx
+
+from train.trainer import MODELS, SCHEDULES, Config, build_model, train
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
     defaults = Config()
     p = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train lrpjax's MiniVGG. Defaults are the reference recipe "
+        description="Train lrpjax's MiniVGG (or --model vit: a compact convolutional "
+        "transformer). Defaults are the reference recipe "
         "(Adam 1e-3, batch 64, 40 epochs, no augmentation).",
+    )
+    p.add_argument(
+        "--model",
+        default=defaults.model,
+        help=f"architecture: {', '.join(MODELS)} (default {defaults.model}); constructor "
+        "arguments after a colon, e.g. vit:depth=2,dim=64,channels=32 (channels: widths "
+        "separated by /)",
     )
     p.add_argument(
         "--data",
@@ -34,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
         type=float,
         default=defaults.weight_decay,
         help="decoupled weight decay of the kernels (AdamW); 0: Adam",
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=defaults.label_smoothing,
+        help="label smoothing of the training loss (e.g. 0.1); 0: none",
     )
     p.add_argument("--augment", action="store_true", help="random crop (pad 4) and horizontal flip")
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -57,7 +74,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, bool]:
         limit_train=a.limit_train,
         limit_test=a.limit_test,
         init=a.init,
+        model=a.model,
+        label_smoothing=a.label_smoothing,
     )
+    try:
+        # A bad spec fails here, in one line, before data loads; built abstractly (no cost).
+        nnx.eval_shape(lambda: build_model(config.model))
+    except ValueError as e:
+        p.error(str(e))
     return config, a.resume, a.no_progress
 
 

@@ -1,4 +1,9 @@
-"""Training of `lrpjax.models.MiniVGG` with Optax: jit-compiled steps, checkpoints, resume.
+"""Training of lrpjax's models with Optax: jit-compiled steps, checkpoints, resume.
+
+Models (`MODELS`, ``Config.model``): ``"minivgg"`` (`lrpjax.models.MiniVGG`, the default)
+and ``"vit"`` (`lrpjax.models.CCT`, a compact convolutional transformer); a spec such as
+``"vit:depth=2,dim=64,channels=32"`` sets constructor arguments (``channels`` takes
+``/``-separated widths, e.g. ``32/64``).
 
 The reference recipe is the default: Adam, learning rate 1e-3, batch 64, 40 epochs,
 categorical cross-entropy, evaluation on the test split after every epoch. Each step is
@@ -27,7 +32,15 @@ from flax import nnx
 
 from lrpjax import compilation, models
 
-__all__ = ["Config", "checkpoint_path", "evaluate", "make_optimizer", "train"]
+__all__ = [
+    "MODELS",
+    "Config",
+    "build_model",
+    "checkpoint_path",
+    "evaluate",
+    "make_optimizer",
+    "train",
+]
 
 SCHEDULES = ("constant", "cosine", "onecycle")
 SYNC_EVERY = 50
@@ -50,6 +63,49 @@ class Config:
     limit_train: int | None = None  # use the first N training images (quick runs, tests)
     limit_test: int | None = None
     init: str | None = None  # start from this weight file (fine-tuning) instead of at random
+    model: str = "minivgg"  # a name of MODELS, optionally with ":key=value,..." arguments
+    label_smoothing: float = 0.0  # of the training loss's targets (Szegedy et al. 2016)
+
+
+#: Trainable architectures by name: constructor taking ``rngs`` and keyword arguments.
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "minivgg": lambda rngs, **kw: models.MiniVGG(rngs=rngs, **kw),
+    "vit": lambda rngs, **kw: models.CCT(rngs=rngs, **kw),
+}
+
+
+def _model_value(text: str):
+    if "/" in text:
+        return tuple(int(v) for v in text.split("/") if v)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_model(spec: str, seed: int = 0) -> nnx.Module:
+    """The model a spec names, ``"<name>"`` or ``"<name>:key=value,..."``, freshly initialised.
+
+    Values are ints, floats, or ``/``-separated int tuples (``channels=32/64``).
+
+    Raises:
+      ValueError: an unknown name or bad arguments.
+    """
+    name, _, rest = spec.partition(":")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"model spec {spec!r}: expected key=value, got {item!r}")
+        kwargs[key.strip()] = _model_value(value.strip())
+    try:
+        return MODELS[name](nnx.Rngs(seed), **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad arguments in model spec {spec!r}: {e}") from None
 
 
 def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -106,7 +162,7 @@ def augment(images: jax.Array, key: jax.Array, pad: int = 4) -> jax.Array:
 class _Steps:
     """Jit-compiled training and evaluation functions for one model structure."""
 
-    def __init__(self, model: models.MiniVGG, tx: optax.GradientTransformation, config: Config):
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, config: Config):
         model.train()
         self.train_graph, _, _ = nnx.split(model, nnx.Param, ...)
         model.eval()
@@ -120,7 +176,12 @@ class _Steps:
     def _loss(self, params, rest, x, y):
         model = nnx.merge(self.train_graph, params, rest, copy=True)
         logits = model(x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        if self.config.label_smoothing:
+            targets = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
+            targets = optax.smooth_labels(targets, self.config.label_smoothing)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+        else:
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         _, _, rest = nnx.split(model, nnx.Param, ...)
         return loss, (logits, rest)
 
@@ -202,8 +263,9 @@ def _save_checkpoint(path: Path, model, rest, opt_state, epoch: int, history: li
     meta = {
         "format": "lrpjax-checkpoint",
         "version": models.FORMAT_VERSION,
-        "architecture": "MiniVGG",
-        "num_classes": models.NUM_CLASSES,
+        "architecture": type(model).__name__,
+        "num_classes": models._num_classes(model) or models.NUM_CLASSES,
+        **({"hyperparameters": model.hyperparameters} if hasattr(model, "hyperparameters") else {}),
         "epoch": epoch,
         "history": history,
         "config": dataclasses.asdict(config),
@@ -223,8 +285,8 @@ def train(
     command: str = "",
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
-) -> tuple[models.MiniVGG, list[dict]]:
-    """Train a MiniVGG, checkpointing after every epoch.
+) -> tuple[nnx.Module, list[dict]]:
+    """Train the model ``config.model`` names, checkpointing after every epoch.
 
     Args:
       config: the run's settings.
@@ -250,7 +312,7 @@ def train(
             f"{len(x_train)} training images do not fill one batch of {config.batch_size}"
         )
 
-    model = models.MiniVGG(rngs=nnx.Rngs(config.seed))
+    model = build_model(config.model, config.seed)
     if config.init:
         models.restore(model, models.read_arrays(config.init)[0], source=config.init)
     tx = make_optimizer(config, steps_per_epoch)
