@@ -517,6 +517,34 @@ def _check_input(graphdef, state, composite, x) -> tuple[int, _Plan]:
         raise ValueError(f"x must be a non-empty batch (N, ...), got shape {x.shape}")
     if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError("input contains NaN or Inf values")
+    key = (graphdef, composite, x.shape, str(x.dtype))
+    if key not in _STRUCTURES:  # traced once per model structure and input shape
+        _STRUCTURES[key] = _structure(graphdef, state, composite, x)
+        while len(_STRUCTURES) > 64:
+            _STRUCTURES.pop(next(iter(_STRUCTURES)))
+    num_classes, plan, rules = _STRUCTURES[key]
+    for path in plan.takes_input:
+        rule = rules[path]
+        if isinstance(rule, rules_lib.ZBox):
+            low, high = np.min(rule.low), np.max(rule.high)
+            lo, hi = float(jnp.min(x)), float(jnp.max(x))
+            if lo < low - 1e-3 or hi > high + 1e-3:
+                warnings.warn(
+                    f"x has values in [{lo:.3g}, {hi:.3g}], outside the bounds "
+                    f"[{low:.3g}, {high:.3g}] of the z^B rule of layer {path!r}; "
+                    "give the composite the input's bounds (e.g. epsilon_gamma_box(low=..., "
+                    "high=...)) or rescale x",
+                    stacklevel=3,
+                )
+    return num_classes, plan
+
+
+#: (graphdef, composite, input shape, dtype) -> (classes, plan, rules): value-independent.
+_STRUCTURES: dict[tuple, tuple[int, _Plan, dict[str, rules_lib.Rule]]] = {}
+
+
+def _structure(graphdef, state, composite, x) -> tuple[int, _Plan, dict[str, rules_lib.Rule]]:
+    """The model's output classes, plan and rules on inputs like x, or a clear error."""
     try:
         out = jax.eval_shape(partial(_logits, graphdef), state, x)
     except LayerError:
@@ -542,21 +570,7 @@ def _check_input(graphdef, state, composite, x) -> tuple[int, _Plan]:
                     f"({type(plan.units[path]).__name__}), not a token embedding; "
                     "convert it to float"
                 )
-    rules = _resolve_rules(plan, composite)
-    for path in plan.takes_input:
-        rule = rules[path]
-        if isinstance(rule, rules_lib.ZBox):
-            low, high = np.min(rule.low), np.max(rule.high)
-            lo, hi = float(jnp.min(x)), float(jnp.max(x))
-            if lo < low - 1e-3 or hi > high + 1e-3:
-                warnings.warn(
-                    f"x has values in [{lo:.3g}, {hi:.3g}], outside the bounds "
-                    f"[{low:.3g}, {high:.3g}] of the z^B rule of layer {path!r}; "
-                    "give the composite the input's bounds (e.g. epsilon_gamma_box(low=..., "
-                    "high=...)) or rescale x",
-                    stacklevel=3,
-                )
-    return out.shape[-1], plan
+    return out.shape[-1], plan, _resolve_rules(plan, composite)
 
 
 def explain(

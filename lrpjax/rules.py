@@ -484,6 +484,14 @@ def zbox(low: Any = 0.0, high: Any = 1.0, eps: float = 1e-6) -> ZBox:
     return ZBox(_hashable(low), _hashable(high), float(eps))
 
 
+def _by_weights(rho: Callable[[Array], Array], rule: Rule, layer, a: Array, R: Array) -> Array:
+    """Shares by rho(w) alone, whatever the input:
+    R_i = sum_j rho(w_ij) / sum_i' rho(w_i'j) R_j (flat: rho = 1; w^2: rho = w^2)."""
+    aff = _affine(layer, a, rule, entrywise=True)
+    kernel = rho(aff.kernel)
+    return _scaled(lambda x: aff.apply(x, kernel, None), (jnp.ones_like(a),), R, rule.eps)
+
+
 @dataclasses.dataclass(frozen=True)
 class Flat(Rule):
     r"""Flat rule (Lapuschkin et al. 2019): every connected input gets an equal share.
@@ -500,10 +508,7 @@ class Flat(Rule):
     eps: float = 1e-6
 
     def __call__(self, layer, a, R):
-        aff = _affine(layer, a, self, entrywise=True)
-        ones = jnp.ones_like(a)
-        kernel = jnp.ones_like(aff.kernel)
-        return _scaled(lambda x: aff.apply(x, kernel, None), (ones,), R, self.eps)
+        return _by_weights(jnp.ones_like, self, layer, a, R)
 
 
 def flat(eps: float = 1e-6) -> Flat:
@@ -524,10 +529,7 @@ class WSquare(Rule):
     eps: float = 1e-6
 
     def __call__(self, layer, a, R):
-        aff = _affine(layer, a, self, entrywise=True)
-        ones = jnp.ones_like(a)
-        kernel = jnp.square(aff.kernel)
-        return _scaled(lambda x: aff.apply(x, kernel, None), (ones,), R, self.eps)
+        return _by_weights(jnp.square, self, layer, a, R)
 
 
 def wsquare(eps: float = 1e-6) -> WSquare:

@@ -111,7 +111,24 @@ class EncoderBlock(nnx.Module):
         return x + self.dropout(h, deterministic=True)
 
 
-class ViT(nnx.Module):
+class _Transformer(nnx.Module):
+    """Blocks ``block0``, ``block1``, ..., a final LayerNorm and a dense head."""
+
+    def _encoder(self, dim, depth, heads, mlp_dim, num_classes, use_bias, rngs) -> None:
+        for i in range(depth):
+            block = EncoderBlock(dim, heads, mlp_dim, use_bias=use_bias, rngs=rngs)
+            setattr(self, f"block{i}", block)
+        self.depth = depth
+        self.norm = nnx.LayerNorm(dim, use_bias=use_bias, rngs=rngs)
+        self.head = nnx.Linear(dim, num_classes, use_bias=use_bias, rngs=rngs)
+
+    def _encode(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        for i in range(self.depth):
+            x = getattr(self, f"block{i}")(x, mask=mask)
+        return self.norm(x)
+
+
+class ViT(_Transformer):
     """A compact vision transformer on (N, H, W, C) images: patch embedding (a strided
     convolution), class token, position embedding, pre-norm blocks, LayerNorm, Dense."""
 
@@ -136,13 +153,7 @@ class ViT(nnx.Module):
         tokens = (image_size // patch) ** 2 + 1
         self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, dim)))
         self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, tokens, dim)))
-        for i in range(depth):
-            setattr(
-                self, f"block{i}", EncoderBlock(dim, heads, mlp_dim, use_bias=use_bias, rngs=rngs)
-            )
-        self.depth = depth
-        self.norm = nnx.LayerNorm(dim, use_bias=use_bias, rngs=rngs)
-        self.head = nnx.Linear(dim, num_classes, use_bias=use_bias, rngs=rngs)
+        self._encoder(dim, depth, heads, mlp_dim, num_classes, use_bias, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.patch_embed(x)
@@ -150,12 +161,10 @@ class ViT(nnx.Module):
         x = x.reshape(n, -1, dim)
         cls = jnp.broadcast_to(self.cls_token[...], (n, 1, dim))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
-        for i in range(self.depth):
-            x = getattr(self, f"block{i}")(x)
-        return self.head(self.norm(x)[:, 0])
+        return self.head(self._encode(x)[:, 0])
 
 
-class TextTransformer(nnx.Module):
+class TextTransformer(_Transformer):
     """A causal text transformer on (N, T) int32 tokens: `nnx.Embed`, position embedding,
     pre-norm blocks with a causal mask, LayerNorm, mean over tokens, Dense."""
 
@@ -174,20 +183,11 @@ class TextTransformer(nnx.Module):
     ):
         self.embed = nnx.Embed(vocab, dim, rngs=rngs)
         self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, length, dim)))
-        for i in range(depth):
-            setattr(
-                self, f"block{i}", EncoderBlock(dim, heads, mlp_dim, use_bias=use_bias, rngs=rngs)
-            )
-        self.depth = depth
-        self.norm = nnx.LayerNorm(dim, use_bias=use_bias, rngs=rngs)
-        self.head = nnx.Linear(dim, num_classes, use_bias=use_bias, rngs=rngs)
+        self._encoder(dim, depth, heads, mlp_dim, num_classes, use_bias, rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.embed(tokens) + self.pos_embed[...][:, : tokens.shape[1]]
-        mask = nnx.make_causal_mask(tokens)
-        for i in range(self.depth):
-            x = getattr(self, f"block{i}")(x, mask=mask)
-        return self.head(jnp.mean(self.norm(x), axis=1))
+        return self.head(jnp.mean(self._encode(x, mask=nnx.make_causal_mask(tokens)), axis=1))
 
 
 #: name -> (constructor taking rngs, input shape of one example, input dtype)
