@@ -20,6 +20,8 @@ every explainer is batch-consistent and reproducible.
 `make` turns a spec string into an explainer, for the command line and `lrpjax.evaluate`:
 
 - ``"gradient"``, ``"sensitivity"``, ``"gradient_x_input"``, ``"random"``;
+- ``"rollout"``, ``"rollout:token=cls"`` (attention rollout, for models with
+  `nnx.MultiHeadAttention`);
 - ``"integrated_gradients"``, ``"integrated_gradients:steps=16,baseline=0.5"``;
 - ``"smoothgrad"``, ``"smoothgrad:samples=8,noise=0.2"``;
 - ``"lrp:<preset>"`` with the preset's parameters and ``init``:
@@ -36,10 +38,12 @@ References:
   noise. arXiv:1706.03825.
   Samek, Binder, Montavon, Lapuschkin, Müller (2017). Evaluating the visualization of what
   a deep neural network has learned. IEEE TNNLS 28(11).
+  Abnar, Zuidema (2020). Quantifying attention flow in transformers. ACL.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +57,8 @@ from lrpjax import engine
 
 __all__ = [
     "EXPLAINERS",
+    "attention_rollout",
+    "attention_weights",
     "gradient",
     "gradient_x_input",
     "integrated_gradients",
@@ -316,6 +322,151 @@ def random_map(model: nnx.Module, seed: int = 0) -> Explainer:
     return fn, state
 
 
+class _AttentionRecorder:
+    """Stands in for the ``module`` argument of `nnx.dot_product_attention`, which hands it
+    each attention's weights through ``module.sow``: records them in call order."""
+
+    def __init__(self) -> None:
+        self.weights: list[jax.Array] = []
+
+    def sow(self, kind: Any, name: str, value: jax.Array, *args: Any, **kwargs: Any) -> bool:
+        del kind, name, args, kwargs
+        self.weights.append(value)
+        return True
+
+
+def _recording_attention(original: Callable, recorder: _AttentionRecorder, *args, **kwargs):
+    kwargs["module"] = recorder
+    return original(*args, **kwargs)
+
+
+def _attention_layers(model: nnx.Module) -> list[nnx.MultiHeadAttention]:
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.MultiHeadAttention)]
+
+
+def attention_weights(model: nnx.Module, x: jax.Array) -> list[jax.Array]:
+    """The attention weights of every `nnx.MultiHeadAttention` call of ``model(x)``.
+
+    Each is (N, heads, queries, keys), rows summing to 1, in call order. They are taken from
+    the attention function itself (its ``sow`` of the weights), so the model's code is not
+    changed: each layer's ``attention_fn`` is wrapped on the model passed in, which should
+    be a copy (as in `attention_rollout`).
+
+    Raises:
+      ValueError: the model has no `nnx.MultiHeadAttention`, or its attention functions
+        record no weights (a custom ``attention_fn`` without ``module.sow``).
+    """
+    layers = _attention_layers(model)
+    if not layers:
+        raise ValueError(
+            f"attention rollout needs a model with nnx.MultiHeadAttention layers; "
+            f"{type(model).__name__} has none"
+        )
+    recorder = _AttentionRecorder()
+    for layer in layers:
+        layer.attention_fn = functools.partial(_recording_attention, layer.attention_fn, recorder)
+    model(x)
+    if not recorder.weights:
+        raise ValueError(
+            f"{type(model).__name__}'s attention layers recorded no weights (a custom "
+            "attention_fn that does not sow them?)"
+        )
+    return recorder.weights
+
+
+def _grid(tokens: int, height: int, width: int) -> tuple[int, int] | None:
+    """(rows, columns) of a grid of `tokens` square patches tiling a height x width image."""
+    if tokens < 1:
+        return None
+    side = math.isqrt(height * width // tokens)
+    if side < 1 or side * side * tokens != height * width:
+        return None
+    if height % side or width % side:
+        return None
+    return height // side, width // side
+
+
+def attention_rollout(model: nnx.Module, token: str = "auto") -> Explainer:
+    r"""Attention rollout (Abnar & Zuidema 2020): attention propagated through the layers.
+
+    For each attention layer l (in call order) with weights :math:`A_l` (N, heads, T, T):
+    the mean over heads, plus the identity for the residual connection, rows normalised:
+    :math:`\hat A_l = (ar A_l + I) / \mathrm{rowsum}` (equal to
+    :math:`	frac12 ar A_l + 	frac12 I`); then the product from the top layer down,
+    :math:`	ilde A = \hat A_L \cdots \hat A_1`. The relevance of the input tokens is the
+    class token's row of :math:`	ilde A` without its own column (``token="cls"``: the
+    first token is the class token, the others the patch grid), or the mean of all rows
+    (``token="mean"``, for models that pool the sequence, such as `lrpjax.models.CCT`).
+    ``"auto"`` picks ``"mean"`` when the T tokens tile the image as square patches, else
+    ``"cls"`` when T - 1 do.
+
+    The token map is upsampled to the image by repeating each patch's value over its
+    pixels (nearest neighbour) and split evenly over the channels: relevance of the
+    input's shape (N, H, W, C) whose channel sum is the upsampled rollout map. Rollout is
+    class-agnostic: the target is ignored. The weights are read from the model's own
+    attention calls (`attention_weights`), in eval mode.
+
+    Args:
+      model: a Flax NNX model on images (N, H, W, C) with `nnx.MultiHeadAttention` layers
+        (self-attention over a grid of patch tokens, optionally after a class token).
+      token: ``"auto"``, ``"cls"`` or ``"mean"``.
+
+    Returns:
+      ``(fn, state)``: ``fn(state, x (N, H, W, C), target (N,)) -> (N, H, W, C)``.
+
+    Raises:
+      ValueError: the model has no `nnx.MultiHeadAttention` (here), or, when ``fn`` is
+        traced, inputs that are not images or tokens that do not tile the image.
+
+    References:
+      Abnar, Zuidema (2020). Quantifying attention flow in transformers. ACL.
+    """
+    if token not in ("auto", "cls", "mean"):
+        raise ValueError(f"rollout token must be 'auto', 'cls' or 'mean', got {token!r}")
+    if not _attention_layers(model):
+        raise ValueError(
+            f"attention rollout needs a model with nnx.MultiHeadAttention layers; "
+            f"{type(model).__name__} has none"
+        )
+    graphdef, state = nnx.split(model)
+
+    def fn(state: nnx.State, x: jax.Array, target: jax.Array) -> jax.Array:
+        del target
+        if x.ndim != 4:
+            raise ValueError(f"attention rollout explains images (N, H, W, C), got {x.shape}")
+        n, height, width, channels = x.shape
+        weights = attention_weights(_forward(graphdef, state), x)
+        t = weights[0].shape[-1]
+        eye = jnp.eye(t, dtype=jnp.float32)
+        rollout = jnp.broadcast_to(eye, (n, t, t))
+        for w in weights:
+            a = w.astype(jnp.float32).mean(axis=1) + eye
+            a = a / a.sum(axis=-1, keepdims=True)
+            rollout = a @ rollout
+        mode = token
+        if mode == "auto":
+            if _grid(t, height, width):
+                mode = "mean"
+            elif _grid(t - 1, height, width):
+                mode = "cls"
+            else:
+                raise ValueError(
+                    f"neither {t} nor {t - 1} tokens tile a {height}x{width} image as patches"
+                )
+        scores = rollout[:, 0, 1:] if mode == "cls" else rollout.mean(axis=1)
+        grid = _grid(scores.shape[-1], height, width)
+        if grid is None:
+            raise ValueError(
+                f"{scores.shape[-1]} patch tokens do not tile a {height}x{width} image"
+            )
+        rows, cols = grid
+        maps = scores.reshape(n, rows, cols)
+        maps = jnp.repeat(jnp.repeat(maps, height // rows, axis=1), width // cols, axis=2)
+        return jnp.broadcast_to((maps / channels)[..., None], x.shape).astype(x.dtype)
+
+    return fn, state
+
+
 def lrp(model: nnx.Module, composite: str = "epsilon", init: str = "logit", **params) -> Explainer:
     """LRP through `lrpjax.explainer`, returning the relevance only.
 
@@ -354,6 +505,7 @@ EXPLAINERS: dict[str, Callable[..., Explainer]] = {
     "integrated_gradients": integrated_gradients,
     "smoothgrad": smoothgrad,
     "random": random_map,
+    "rollout": attention_rollout,
 }
 
 

@@ -5,6 +5,8 @@ Small hand-built models only (fast on CPU); the shipped model is used in test_me
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,3 +205,122 @@ def test_make_parses_parameters(smooth):
 def test_make_rejects_bad_specs(smooth, spec, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         baselines.make(smooth, spec)
+
+
+# --- attention rollout ---------------------------------------------------------------------
+
+
+class ClsViT(nnx.Module):
+    """(N, 8, 8, 3) -> (N, 3): 4x4 patches, class token, 2 pre-norm attention blocks."""
+
+    def __init__(self, rngs: nnx.Rngs, dim: int = 8, depth: int = 2):
+        self.embed = nnx.Conv(3, dim, (4, 4), strides=4, padding="VALID", rngs=rngs)
+        self.cls = nnx.Param(jax.random.normal(rngs.params(), (1, 1, dim)))
+        self.pos = nnx.Param(jax.random.normal(rngs.params(), (1, 5, dim)))
+        self.norms = nnx.List([nnx.LayerNorm(dim, rngs=rngs) for _ in range(depth)])
+        self.attns = nnx.List(
+            [nnx.MultiHeadAttention(2, dim, decode=False, rngs=rngs) for _ in range(depth)]
+        )
+        self.head = nnx.Linear(dim, 3, rngs=rngs)
+
+    def tokens(self, x):
+        t = self.embed(x).reshape(x.shape[0], -1, self.pos.shape[-1])
+        cls = jnp.broadcast_to(self.cls[...], (x.shape[0], 1, t.shape[-1]))
+        return jnp.concatenate([cls, t], axis=1) + self.pos[...]
+
+    def blocks(self):
+        return [
+            lambda t, n=n, a=a: t + a(n(t)) for n, a in zip(self.norms, self.attns, strict=True)
+        ]
+
+    def __call__(self, x):
+        t = self.tokens(x)
+        for block in self.blocks():
+            t = block(t)
+        return self.head(t[:, 0])
+
+
+def _attention_by_hand(attn: nnx.MultiHeadAttention, h: np.ndarray) -> np.ndarray:
+    """softmax(q k^T / sqrt(d)) per head from the layer's parameters: (N, heads, T, T)."""
+    q = np.einsum("ntd,dhk->nhtk", h, np.asarray(attn.query.kernel[...]))
+    q = q + np.asarray(attn.query.bias[...])[None, :, None]
+    k = np.einsum("ntd,dhk->nhtk", h, np.asarray(attn.key.kernel[...]))
+    k = k + np.asarray(attn.key.bias[...])[None, :, None]
+    logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _rollout_by_hand(weights: list[np.ndarray], cls: bool, image: tuple[int, int, int]):
+    """Abnar & Zuidema's rollout, written out per image with numpy: (N, H, W, C)."""
+    out = []
+    for i in range(weights[0].shape[0]):
+        t = weights[0].shape[-1]
+        joint = np.eye(t)
+        for w in weights:
+            a = 0.5 * w[i].mean(axis=0) + 0.5 * np.eye(t)  # rows of w sum to 1
+            joint = a @ joint
+        scores = joint[0, 1:] if cls else joint.mean(axis=0)
+        g = math.isqrt(scores.size)
+        h, w_, c = image
+        block = np.kron(scores.reshape(g, g), np.ones((h // g, w_ // g)))
+        out.append(np.repeat(block[..., None] / c, c, axis=-1))
+    return np.stack(out)
+
+
+def test_rollout_of_a_class_token_vit_matches_numpy():
+    model = ClsViT(nnx.Rngs(0))
+    model.eval()
+    x = np.random.default_rng(1).random((3, 8, 8, 3), np.float32)
+    t = np.asarray(model.tokens(x))
+    weights = []
+    for norm, attn, block in zip(model.norms, model.attns, model.blocks(), strict=True):
+        weights.append(_attention_by_hand(attn, np.asarray(norm(t), np.float64)))
+        t = np.asarray(block(t))
+    assert len(weights) == 2 and weights[0].shape == (3, 2, 5, 5)
+    expected = _rollout_by_hand(weights, cls=True, image=(8, 8, 3))
+    fn, state = _jit(baselines.make(model, "rollout"))
+    got = fn(state, x, jnp.array([0, 1, -1]))
+    assert got.shape == x.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fn(state, x, jnp.array([2, 2, 2])), got)  # class-agnostic
+    fn_cls, _ = _jit(baselines.make(model, "rollout:token=cls"))
+    np.testing.assert_allclose(fn_cls(state, x, jnp.zeros(3, jnp.int32)), got)
+    assert not np.allclose(got[0], got[1])  # depends on the image
+    # The heads' weights recorded from the model's own calls are those computed by hand.
+    recorded = baselines.attention_weights(nnx.merge(*nnx.split(model)), jnp.asarray(x))
+    np.testing.assert_allclose(recorded[1], weights[1], rtol=1e-4, atol=1e-6)
+
+
+def test_rollout_of_a_sequence_pooled_cct_matches_numpy():
+    from lrpjax import models
+
+    model = models.CCT(channels=4, dim=8, depth=3, heads=2, mlp_dim=8, rngs=nnx.Rngs(2))
+    model.eval()
+    x = np.random.default_rng(3).random((2, 32, 32, 3), np.float32)
+    t = model.tokens(x)
+    weights = []
+    for i in range(3):
+        block = getattr(model, f"block{i}")
+        weights.append(_attention_by_hand(block.attn, np.asarray(block.norm1(t), np.float64)))
+        t = block(t)
+    assert weights[0].shape == (2, 2, 64, 64)
+    expected = _rollout_by_hand(weights, cls=False, image=(32, 32, 3))
+    fn, state = _jit(baselines.make(model, "rollout"))  # auto: 64 tokens tile 32x32
+    got = fn(state, x, jnp.array([-1, 3]))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    # Each image's map is a distribution over the 64 tokens, spread over 4x4x3 values each.
+    np.testing.assert_allclose(got.sum(axis=(1, 2, 3)), 16.0, rtol=1e-5)
+    # The model's own attention layers are left as they were.
+    assert model.block0.attn.attention_fn is nnx.dot_product_attention
+
+
+def test_rollout_refuses_models_without_attention(smooth):
+    from lrpjax import models
+
+    for model in (smooth, models.MiniVGG(rngs=nnx.Rngs(0))):
+        with pytest.raises(ValueError, match=r"needs a model with nnx\.MultiHeadAttention"):
+            baselines.make(model, "rollout")
+    with pytest.raises(ValueError, match="token must be"):
+        baselines.make(ClsViT(nnx.Rngs(0)), "rollout:token=first")
+    assert "rollout" in baselines.known_specs()
