@@ -127,10 +127,13 @@ def _has_own_params(module: nnx.Module) -> bool:
     return any(isinstance(v, nnx.Param) for v in vars(module).values())
 
 
-def _units(model: nnx.Module, composite: composites_lib.Composite) -> list[tuple]:
+def _units(
+    model: nnx.Module, composite: composites_lib.Composite, glue_paths: frozenset[str] = frozenset()
+) -> list[tuple]:
     """Paths of the modules explained as one unit each: layers (no sub-modules) with a rule
     or parameters, and modules the composite maps by path or type (not walked into).
-    Parameter-free modules of unknown type are glue: `lrpjax.glue` handles their code."""
+    Parameter-free modules of unknown type, and those in `glue_paths`, are glue:
+    `lrpjax.glue` handles their code."""
     found = []
 
     def walk(path: tuple, module: nnx.Module) -> None:
@@ -141,6 +144,8 @@ def _units(model: nnx.Module, composite: composites_lib.Composite) -> list[tuple
         if children:
             for key, child in children:
                 walk((*path, key), child)
+            return
+        if _path_str(path) in glue_paths:
             return
         known = composite.rule_for(_path_str(path), module, frozenset()) is not None
         if known or _has_own_params(module) or layer_types.is_affine(module):
@@ -166,6 +171,7 @@ class _Tape:
         self.rules: dict[str, rules_lib.Rule] = {}
         self.probes: dict[str, jax.Array] | None = None
         self.masks: Mapping[str, jax.Array] = {}
+        self.repeated: set[str] = set()  # parameter-free layers called more than once
 
 
 def _fast_forward(layer: nnx.Module) -> Callable[[jax.Array], jax.Array]:
@@ -242,8 +248,14 @@ class _Probe:
     def _record(self, a, args, kwargs):
         tape, path = self.tape, self.path
         if path in tape.shapes:
+            if isinstance(self.layer, layer_types.PASS_THROUGH) and not _has_own_params(
+                self.layer
+            ):  # a reused ReLU or dropout: its gradient rule is what glue does anyway
+                tape.repeated.add(path)
+                return self.layer(*args, **kwargs)
             raise LayerError(
-                f"layer {path!r} is called more than once; lrpjax needs one call per layer"
+                f"layer {path!r} is called more than once; lrpjax needs one call per layer "
+                "with parameters (use one module per call)"
             )
         y = self.layer(*args, **kwargs)
         if not _is_array(y):
@@ -262,13 +274,16 @@ class _Probe:
 
 
 def _instrument(
-    model: nnx.Module, composite: composites_lib.Composite, tape: _Tape
+    model: nnx.Module,
+    composite: composites_lib.Composite,
+    tape: _Tape,
+    glue_paths: frozenset[str] = frozenset(),
 ) -> tuple[nnx.Module, dict[str, nnx.Module]]:
     """Replace every unit of `model` (a fresh copy inside the trace) by a `_Probe`.
 
     Returns the instrumented model and its units keyed by path.
     """
-    paths = _units(model, composite)
+    paths = _units(model, composite, glue_paths)
     if paths == [()]:  # the model is a single layer
         root = model
 
@@ -295,11 +310,13 @@ def _instrument(
     return model, units
 
 
-def _instrumented(graphdef, state, composite) -> tuple[nnx.Module, dict[str, nnx.Module], _Tape]:
+def _instrumented(
+    graphdef, state, composite, glue_paths: frozenset[str] = frozenset()
+) -> tuple[nnx.Module, dict[str, nnx.Module], _Tape]:
     model = nnx.merge(graphdef, state, copy=True)
     model.eval()
     tape = _Tape()
-    model, units = _instrument(model, composite, tape)
+    model, units = _instrument(model, composite, tape, glue_paths)
     return model, units, tape
 
 
@@ -308,12 +325,13 @@ class _Plan(NamedTuple):
     shapes: dict[str, jax.ShapeDtypeStruct]
     takes_input: frozenset[str]
     units: dict[str, nnx.Module]
+    glue_paths: frozenset[str]  # parameter-free layers called more than once: glue
 
 
-def _record(graphdef, state, composite, x) -> _Plan:
+def _record(graphdef, state, composite, x, glue_paths: frozenset[str] = frozenset()) -> _Plan:
     """The units of the model in call order, with their input shapes: an abstract
     evaluation of its own, whose results are returned, not left on any object."""
-    model, units, tape = _instrumented(graphdef, state, composite)
+    model, units, tape = _instrumented(graphdef, state, composite, glue_paths)
 
     def record(x):
         tape.input_like = [x]
@@ -322,7 +340,10 @@ def _record(graphdef, state, composite, x) -> _Plan:
     out = jax.eval_shape(record, x)
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise LayerError(f"the model returns {type(out).__name__}; lrpjax explains one array")
-    return _Plan(tuple(tape.calls), dict(tape.shapes), frozenset(tape.takes_input), units)
+    if tape.repeated:  # again, with the reused parameter-free layers as glue
+        return _record(graphdef, state, composite, x, glue_paths | frozenset(tape.repeated))
+    calls = tuple(tape.calls)
+    return _Plan(calls, dict(tape.shapes), frozenset(tape.takes_input), units, glue_paths)
 
 
 def traced_units(
@@ -340,7 +361,7 @@ def traced_units(
     """
     graphdef, state = nnx.split(model)
     plan = _record(graphdef, state, composite, x)
-    instrumented, _, tape = _instrumented(graphdef, state, composite)
+    instrumented, _, tape = _instrumented(graphdef, state, composite, plan.glue_paths)
     tape.rules = {p: rules_lib.gradient() for p in plan.calls}  # no backward is taken
     zeros = {p: jnp.zeros(s.shape, s.dtype) for p, s in plan.shapes.items()}
 
@@ -436,7 +457,7 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
     def fn(state, x, target, masks=None):
         graph, state = _canonized(graphdef, state, composite, x)
         plan = _record(graph, state, composite, x)
-        model, _, tape = _instrumented(graph, state, composite)
+        model, _, tape = _instrumented(graph, state, composite, plan.glue_paths)
         tape.rules = _resolve_rules(plan, composite)
         unknown = set(masks or {}) - set(plan.calls)
         if unknown:

@@ -316,3 +316,27 @@ def test_pixels_outside_the_zbox_bounds_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lrpjax.explain(model, x / 255, composite="epsilon_gamma_box")
+
+
+class Reused(nnx.Module):
+    """One ReLU and one Dropout module used twice, as Flax code often does."""
+
+    def __init__(self, shared: bool):
+        self.first, self.second, self.head = dense(4, 5, 1), dense(5, 5, 2), dense(5, 2, 3)
+        self.act, self.drop = lrpjax.layers.ReLU(), nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+        self.shared = shared
+        if not shared:
+            self.act2, self.drop2 = lrpjax.layers.ReLU(), nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        act2, drop2 = (self.act, self.drop) if self.shared else (self.act2, self.drop2)
+        h = self.drop(self.act(self.first(x)))
+        return self.head(drop2(act2(self.second(h))))
+
+
+def test_parameter_free_layers_called_twice_are_glue():
+    shared, separate = Reused(shared=True), Reused(shared=False)
+    R_shared, layers = lrpjax.explain(shared, X, composite=LRP0, layerwise=True)
+    R_separate = lrpjax.explain(separate, X, composite=LRP0)
+    np.testing.assert_allclose(R_shared, R_separate, rtol=1e-5, atol=1e-7)
+    assert list(layers) == ["first", "second", "head"]
