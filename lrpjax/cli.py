@@ -11,6 +11,8 @@ from lrpjax.cli_common import (
     CLIError,
     add_data_arguments,
     add_model_arguments,
+    check_rules,
+    check_target,
     check_writable,
     fit_data,
     init_distributed,
@@ -61,19 +63,11 @@ def _explain_parser(sub) -> None:
 
 def cmd_explain(args) -> int:
     """Run ``lrpjax explain`` from parsed arguments."""
-    from lrpjax import INITS, composites
-
-    if args.composite not in composites.PRESETS:
-        raise CLIError(
-            f"unknown composite {args.composite!r}; choose from {', '.join(composites.PRESETS)}"
-        )
-    if args.init not in INITS:
-        raise CLIError(f"unknown init {args.init!r}; choose from {', '.join(INITS)}")
+    check_rules(args.composite, args.init)
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise CLIError(f"--limit must be positive, got {args.limit}")
-    given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f)]
+    flags = ("coordinator", "num_processes", "process_id")
+    given = [f for f in flags if getattr(args, f) is not None]
     if given and not args.distributed:
         raise CLIError(f"--{given[0].replace('_', '-')} needs --distributed")
     process, processes = 0, 1
@@ -81,17 +75,17 @@ def cmd_explain(args) -> int:
         process, processes = init_distributed(args.coordinator, args.num_processes, args.process_id)
     from lrpjax import pipeline
 
-    loaded = load_model(args)
     out = Path(args.out)
-    check_writable(out)
-    fitted = fit_data(loaded, load_data(args))
+    # With several processes, an error on one ends them all with its message.
+    with pipeline.ProcessGroup("explain-cli").phase("prepared"):
+        loaded = load_model(args)
+        check_writable(out)
+        fitted = fit_data(loaded, load_data(args))
+        target = check_target(args.target, fitted)
     images, labels, source = fitted.images, fitted.labels, fitted.source
-    target = parse_target(args.target, fitted.num_classes)
-    if target == "label" and (labels < 0).any():
-        raise CLIError("--target label needs labelled images")
     settings = {
         "model": loaded.identity,
-        "data": source,
+        "data": fitted.identity,
         "limit": args.limit,
         "composite": args.composite,
         "init": args.init,
@@ -184,22 +178,23 @@ def cmd_concepts(args) -> int:
     target = parse_target(args.target, fitted.num_classes)
     if target == "label" and (labels < 0).any():
         raise CLIError("--target label needs labelled images; use --target pred")
-    info = concepts.concept_layers(loaded.model, images[:1], args.composite)
+    info = concepts.concept_layers(loaded.model, images[:1], args.composite)  # traced once
     if args.layer and "all" in args.layer:
         layers = [p for p, i in info.items() if i.reader]
     else:
         layers = args.layer or concepts.default_layers(info)
-    concepts.check_layers(info, layers)  # before anything is written
+    layers = concepts.check_layers(info, layers)  # before anything is written
     out = Path(args.out)
     check_writable(out)
-    settings = {"model": loaded.identity, "data": source, "limit": args.limit, "k": args.top_k}
+    # --top-k is not in the resume key: the streamed arrays do not depend on it.
+    settings = {"model": loaded.identity, "data": source, "limit": args.limit}
     summary = concepts.concepts_dataset(
         loaded.model,
         images,
         labels,
         out,
         settings=settings,
-        layers=layers,
+        layers={p: info[p] for p in layers},
         composite=args.composite,
         init=args.init,
         target=target,
@@ -242,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from lrpjax import LayerError
     from lrpjax.data import DataUnavailableError
     from lrpjax.models import ModelFileError
-    from lrpjax.pipeline import OutputLockedError
+    from lrpjax.pipeline import OutputLockedError, ProcessFailedError
 
     try:
         if args.command == "explain":
@@ -254,9 +249,16 @@ def main(argv: list[str] | None = None) -> int:
         DataUnavailableError,
         LayerError,
         OutputLockedError,
+        ProcessFailedError,
         ValueError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not getattr(args, "distributed", False):
+            raise
+        # The distributed runtime's own failures (a lost coordinator, a barrier timeout).
+        print(f"error: distributed run failed: {' '.join(str(e).split())[:500]}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)

@@ -22,6 +22,8 @@ __all__ = [
     "LoadedModel",
     "add_data_arguments",
     "add_model_arguments",
+    "check_rules",
+    "check_target",
     "check_writable",
     "fit_data",
     "init_distributed",
@@ -60,6 +62,22 @@ def add_data_arguments(p: argparse.ArgumentParser, verb: str = "explain") -> Non
     src.add_argument("--data-dir", help="image folder (split/class/image) or a .tar.gz of one")
     p.add_argument("--split", default="test", help=f"split to {verb} (default: test)")
     p.add_argument("--limit", type=int, help=f"{verb} only the first N images")
+
+
+def check_rules(composite: str, init: str) -> None:
+    """``--composite`` and ``--init`` are names lrpjax knows.
+
+    Raises:
+      CLIError: naming the choices.
+    """
+    from lrpjax import INITS, composites
+
+    if composite not in composites.PRESETS:
+        raise CLIError(
+            f"unknown composite {composite!r}; choose from {', '.join(composites.PRESETS)}"
+        )
+    if init not in INITS:
+        raise CLIError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
 
 
 def check_writable(out: Path) -> None:
@@ -101,12 +119,30 @@ class LoadedModel:
         return None
 
 
-def model_identity(path: str | os.PathLike | None, name: str = "minivgg") -> str:
-    """A string naming the weights: the shipped model's name, or file path, size and mtime."""
+def model_identity(
+    path: str | os.PathLike | None, name: str = "minivgg", factory: str | None = None
+) -> str:
+    """A string that changes when the model changes (resume keys).
+
+    A shipped model: its name and its weight file's size and modification time; a weight
+    file: its path, size and modification time, and the factory spec that builds it.
+    """
+    from lrpjax import models
+
     if path is None:
-        return "shipped" if name == "minivgg" else f"shipped:{name}"
+        from importlib import resources
+
+        label = "shipped" if name == "minivgg" else f"shipped:{name}"
+        ref = resources.files("lrpjax") / "assets" / models.SHIPPED[name].weights
+        with resources.as_file(ref) as file:
+            try:
+                st = Path(file).stat()
+            except OSError:
+                return label
+        return f"{label}:{st.st_size}:{st.st_mtime_ns}"
     st = Path(path).stat()
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    identity = f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{identity}:{factory}" if factory else identity
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
@@ -116,6 +152,8 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
       CLIError: an unknown shipped name, a factory without ``--checkpoint``.
       lrpjax.models.ModelFileError: a missing, corrupt or mismatching weight file.
     """
+    from flax import nnx
+
     from lrpjax import models
 
     spec = getattr(args, "model", None)
@@ -129,7 +167,15 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
         if checkpoint is None:
             model, header = models.load_shipped(spec)
             return LoadedModel(model, header, model_identity(None, spec), spec)
-        factory = models.SHIPPED[spec].factory
+        header = models.read_header(checkpoint)
+        expected = type(nnx.eval_shape(models.SHIPPED[spec].factory)).__name__
+        if header.get("architecture") != expected:
+            raise models.ModelFileError(
+                f"{checkpoint} holds a {header.get('architecture', 'unknown')!r} model, but "
+                f"--model {spec} builds {expected!r}"
+            )
+        # built from the header where lrpjax knows the architecture: its class count
+        factory = None if expected in models.ARCHITECTURES else models.SHIPPED[spec].factory
     elif spec is not None:
         if checkpoint is None:
             raise CLIError(f"--model {spec} needs --checkpoint FILE (saved by lrpjax.models.save)")
@@ -144,14 +190,17 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
         factory = None
     try:
         model = models.load(checkpoint, factory=factory)
-    except models.ModelFileError:
-        raise
     except Exception as e:  # a user's factory may fail in any way
-        raise CLIError(
-            f"--model {spec}: building the model failed: {type(e).__name__}: {e}"
-        ) from None
+        if isinstance(e, models.ModelFileError):
+            raise  # says what is wrong with the file
+        what = f"--model {spec}" if spec is not None else f"--checkpoint {checkpoint}"
+        raise CLIError(f"{what}: building the model failed: {type(e).__name__}: {e}") from None
+    user = spec if spec is not None and ":" in spec else None
     return LoadedModel(
-        model, models.read_header(checkpoint), model_identity(checkpoint), str(checkpoint)
+        model,
+        models.read_header(checkpoint),
+        model_identity(checkpoint, factory=user),
+        str(checkpoint),
     )
 
 
@@ -162,6 +211,7 @@ class Data(NamedTuple):
     labels: np.ndarray
     classes: list[str]  # labels index into these
     source: str  # for messages and resume keys
+    stamp: str = ""  # changes when the files change (resume keys); "" for fixed data
 
 
 def load_data(args: argparse.Namespace) -> Data:
@@ -184,13 +234,14 @@ def load_data(args: argparse.Namespace) -> Data:
             source, args.split, progress=not args.no_progress
         )
         name = f"{source}:{args.split}"
+        stamp = data.stamp(source, args.split) if args.data_dir else ""
     else:
         images, labels = data.sample()
         classes = list(data.CIFAR10_CLASSES)
-        name = "shipped-sample"
+        name, stamp = "shipped-sample", ""
     if args.limit is not None:
         images, labels = images[: args.limit], labels[: args.limit]
-    return Data(images, labels, list(classes), name)
+    return Data(images, labels, list(classes), name, stamp)
 
 
 class Fitted(NamedTuple):
@@ -200,10 +251,16 @@ class Fitted(NamedTuple):
     labels: np.ndarray  # indices into class_names (-1: unknown)
     class_names: tuple[str, ...]
     source: str
+    stamp: str = ""
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def identity(self) -> str:
+        """The data for resume keys: the source, and its content stamp where it has one."""
+        return f"{self.source}@{self.stamp}" if self.stamp else self.source
 
 
 def fit_data(loaded: LoadedModel, data_: Data) -> Fitted:
@@ -211,11 +268,15 @@ def fit_data(loaded: LoadedModel, data_: Data) -> Fitted:
 
     The class count is the model's output size on these images; the names come from the
     weight file's header (`lrpjax.models.class_names_of`). Data classes are matched by name.
+    A model whose header has no class names keeps the data's own numbering (with a
+    warning on stderr): its labels then only serve the accuracy.
 
     Raises:
       ValueError: images of the wrong shape or values, or a model that cannot take them.
       lrpjax.data.DataUnavailableError: a class of the data that the model does not know.
     """
+    import sys
+
     from lrpjax import data, models
 
     shape = loaded.input_shape or (
@@ -225,9 +286,27 @@ def fit_data(loaded: LoadedModel, data_: Data) -> Fitted:
     num_classes = models.output_size(loaded.model, data_.images.shape[1:])
     class_names = models.class_names_of(loaded.header, num_classes)
     labels = data_.labels
+    numbered = tuple(str(i) for i in range(num_classes))
     if list(data_.classes) != list(class_names):
-        labels = data.match_classes(labels, data_.classes, class_names, data_.source)
-    return Fitted(data_.images, labels, class_names, data_.source)
+        if class_names == numbered and not set(data_.classes) <= set(numbered):
+            if len(data_.classes) > num_classes:
+                raise data.DataUnavailableError(
+                    f"{data_.source} has {len(data_.classes)} classes, the model "
+                    f"{loaded.description} only {num_classes} (and no class names in its "
+                    "weight file to match them by)"
+                )
+            print(
+                f"warning: the model {loaded.description} has no class names (save it with "
+                "lrpjax.models.save(..., class_names=...)); its classes are taken to be "
+                f"{data_.source}'s in their order: {', '.join(data_.classes[:10])}"
+                f"{' ...' if len(data_.classes) > 10 else ''}",
+                file=sys.stderr,
+            )
+            if len(data_.classes) == num_classes:
+                class_names = tuple(data_.classes)
+        else:
+            labels = data.match_classes(labels, data_.classes, class_names, data_.source)
+    return Fitted(data_.images, labels, class_names, data_.source, data_.stamp)
 
 
 def parse_target(value: str, num_classes: int) -> str | int:
@@ -241,6 +320,18 @@ def parse_target(value: str, num_classes: int) -> str | int:
     if not 0 <= t < num_classes:
         raise CLIError(f"--target {t} is outside the classes 0..{num_classes - 1}")
     return t
+
+
+def check_target(value: str, fitted: Fitted, hint: str = "") -> str | int:
+    """`parse_target` against the model's classes, and ``label`` only for labelled images.
+
+    Raises:
+      CLIError: a bad target, or ``label`` with images that have no label.
+    """
+    target = parse_target(value, fitted.num_classes)
+    if target == "label" and (fitted.labels < 0).any():
+        raise CLIError(f"--target label needs labelled images{hint}")
+    return target
 
 
 def _env_int(name: str, value: int | None) -> int | None:

@@ -422,6 +422,7 @@ def _split_specs(text: str) -> list[str]:
 def run(args) -> int:
     """Run ``lrpjax evaluate`` from parsed arguments."""
     from lrpjax.cli_common import CLIError, check_writable, fit_data, load_data, load_model
+    from lrpjax.pipeline import lock_output
 
     specs = _split_specs(args.explainers)
     if not specs:
@@ -431,21 +432,22 @@ def run(args) -> int:
     if args.sanity_images < 0:
         raise CLIError(f"--sanity-images must be >= 0, got {args.sanity_images}")
     out = Path(args.out)
-    check_writable(out)
-    loaded = load_model(args)
+    loaded = load_model(args)  # model, explainers and data are checked before out is made
     model = loaded.model
     for spec in specs:
         baselines.make(model, spec)  # unknown specs fail before any work
     fitted = fit_data(loaded, load_data(args))
-    images, labels, source = fitted.images, fitted.labels, fitted.source
+    images, labels = fitted.images, fitted.labels
+    check_writable(out)
     t0 = time.perf_counter()
-    report = evaluate(
-        model, images, labels, specs, out, region=args.region, steps=args.steps,
-        replacement=args.replacement, score=args.score, batch_size=args.batch_size,
-        sanity_images=args.sanity_images, threshold=args.threshold, seed=args.seed,
-        progress=not args.no_progress,
-        settings={"data": source, "model": loaded.identity},
-    )  # fmt: skip
+    with lock_output(out):  # as lrpjax explain: one run per output folder at a time
+        report = evaluate(
+            model, images, labels, specs, out, region=args.region, steps=args.steps,
+            replacement=args.replacement, score=args.score, batch_size=args.batch_size,
+            sanity_images=args.sanity_images, threshold=args.threshold, seed=args.seed,
+            progress=not args.no_progress,
+            settings={"data": fitted.identity, "model": loaded.identity},
+        )  # fmt: skip
     print(table(report))
     print(
         f"wrote {out}/: {', '.join(report['files'])} ({time.perf_counter() - t0:.1f} s)",

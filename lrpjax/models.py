@@ -573,10 +573,14 @@ def class_names_of(meta: Mapping, num_classes: int) -> tuple[str, ...]:
 def import_factory(spec: str) -> Callable[[], nnx.Module]:
     """The callable named by ``"package.module:factory"`` (attributes may be dotted).
 
-    The current directory is searched first, as ``python -m`` would.
+    The current directory is searched first, as ``python -m`` would, and stays on
+    ``sys.path`` afterwards (as with ``python -m``), so that a factory which imports a
+    neighbouring module when it is called finds it too.
 
     Raises:
-      ValueError: the spec is malformed, or the module or the name cannot be found.
+      ValueError: the spec is malformed, or the module cannot be imported (any error while
+        importing it, e.g. a SyntaxError in it, named with its cause), or the name cannot
+        be found.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -584,16 +588,17 @@ def import_factory(spec: str) -> Callable[[], nnx.Module]:
             f"--model {spec!r}: expected a shipped model name or package.module:factory"
         )
     cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
+    if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
     try:
         obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"--model {spec!r}: cannot import {module_name!r}: {e}") from None
-    finally:
-        if added:
-            sys.path.remove(cwd)
+    except Exception as e:  # the user's module may fail in any way while it is imported
+        detail = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, SyntaxError) and e.filename:
+            detail = f"{e.msg} ({e.filename}, line {e.lineno})"
+        raise ValueError(
+            f"--model {spec!r}: cannot import {module_name!r}: {type(e).__name__}: {detail}"
+        ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"--model {spec!r}: {module_name!r} has no {attr!r}")

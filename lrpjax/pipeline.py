@@ -8,21 +8,29 @@ Output folder layout (all arrays are ``.npy``, readable with ``np.load(..., mmap
   (N, classes) float32; ``relevance_sum.npy`` (N,) float32;
 - ``summary.json``, ``heatmaps.png`` (image | heatmap | overlay), ``class_means.png``.
 
-While a run is in progress its arrays live in ``.partial-<key>/`` beside a manifest of the
-finished chunks; they are moved to their final names only when every chunk is done, and
-``summary.json`` is written last. A rerun with the same arguments finds the manifest and
-computes only the chunks that are missing.
+While a run is in progress its arrays live in ``.partial-explain-<key>/`` beside a manifest
+of the finished chunks (other commands' work folders in ``out`` are left alone). A rerun with
+the same arguments finds the manifest and computes only the chunks that are missing. When
+every chunk is done, the figures and ``summary.json`` are written in the work folder, the
+previous ``out/summary.json`` is removed, the new files are moved into ``out``
+(``summary.json`` last) and the work folder is removed: a failure before the move leaves
+the earlier output as it was; a kill during the move leaves ``out`` without a
+``summary.json`` (so it is never mistaken for a finished result) and a rerun completes it.
 
-Several processes (`jax.distributed`, one per host, all given the whole dataset and the same
+Several processes (`jax.distributed`, one per host, all given the whole data and the same
 ``out`` on a shared file system): the chunks are split into contiguous shares, one per
 process; process ``i`` explains its share on its local devices into
-``.partial-<key>/process-<i>/`` (its own memmapped arrays and manifest, so no two processes
-ever write the same file). When every process is done (a barrier of the distributed
-runtime), process 0 checks every manifest, merges the shares into ``out`` (the same files a
-one-process run writes, copied in blocks, so memory stays bounded), draws the figures and
-writes ``summary.json``; then every process returns that summary. A rerun after any process
-was killed resumes each process's share from its own manifest: only missing chunks are
-computed. The run key includes the process count, so a rerun with another count starts over.
+``.partial-explain-<key>/process-<i>/`` (its own memmapped arrays and manifest, so no two
+processes ever write the same file). When every process is done, process 0 checks every
+manifest, merges the shares into the work folder (copied in blocks, so memory stays
+bounded), draws the figures, writes ``summary.json`` and moves the result into ``out`` as
+above (the same files a one-process run writes); then every process returns that summary.
+The processes meet at the end of each phase (`ProcessGroup`): a process that fails
+publishes its error in the distributed runtime's key-value store, and every process then
+raises `ProcessFailedError` with that message, naming the process. A rerun after any
+process was killed resumes each process's share from its own manifest: only missing chunks
+are computed. The run key includes the process count, so a rerun with another count starts
+over.
 
 A lock (``out/.lock``, `fcntl.flock`; held by process 0) keeps a second run off a folder
 that a run is using: it fails with `OutputLockedError` before changing anything.
@@ -49,12 +57,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lrpjax import compilation, engine, models, viz
 
-__all__ = ["ARRAYS", "OutputLockedError", "explain_dataset", "lock_output", "make_step"]
+__all__ = [
+    "ARRAYS",
+    "OutputLockedError",
+    "ProcessFailedError",
+    "ProcessGroup",
+    "explain_dataset",
+    "lock_output",
+    "make_step",
+]
 
 ARRAYS = ("relevance", "predictions", "labels", "targets", "probabilities", "relevance_sum")
 LOCK_NAME = ".lock"
-#: How long a process waits for the others at a barrier (their whole share's computation).
-BARRIER_TIMEOUT_S = 7 * 24 * 3600
+#: Work folders of ``lrpjax explain`` in the output folder start with this (other commands'
+#: work folders are left alone).
+WORK_PREFIX = ".partial-explain-"
 
 
 class OutputLockedError(RuntimeError):
@@ -107,31 +124,128 @@ def lock_output(out: str | os.PathLike) -> Iterator[Path]:
 _CALLS = itertools.count()
 
 
-class _Processes:
-    """This process's place among the JAX processes, with barriers and a broadcast from 0."""
+class ProcessFailedError(RuntimeError):
+    """A process of a multi-process run failed (or did not come): every process raises this,
+    with the failing process's message."""
 
-    def __init__(self) -> None:
+
+def _client():
+    """The distributed runtime's key-value client (a JAX internal, tested with jax 0.10)."""
+    try:
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+    except (ImportError, AttributeError):
+        client = None
+    needed = ("key_value_set", "key_value_dir_get")
+    if client is None or not all(hasattr(client, m) for m in needed):
+        raise ProcessFailedError(
+            f"several JAX processes need the distributed runtime's key-value store, which "
+            f"this jax ({jax.__version__}) does not expose as lrpjax expects; lrpjax is "
+            "tested with jax 0.10: install it, or run one process"
+        )
+    return client
+
+
+def describe(error: BaseException) -> str:
+    """One line for an exception, as ``lrpjax`` prints it."""
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.strerror}: {error.filename or ''}".rstrip(": ")
+    elif str(error) and (
+        isinstance(error, ValueError | RuntimeError) or type(error).__module__.startswith("lrpjax")
+    ):
+        text = str(error)
+    else:
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text
+
+
+class ProcessGroup:
+    """This process's place among the JAX processes, and their meeting points.
+
+    Every process goes through the same named phases in the same order. A phase ends with
+    each process publishing "done" (or, if it failed, its error) in the distributed
+    runtime's key-value store and waiting until all have published done; as soon as any
+    process has published an error, every process raises `ProcessFailedError` with it (the
+    failing process too), so one failure ends the run everywhere with one message naming
+    the process. With one process, phases do nothing.
+    """
+
+    #: Seconds to wait for the other processes at the end of a phase (env
+    #: ``LRPJAX_PHASE_TIMEOUT_S``), and at the end of the computation (their whole share;
+    #: env ``LRPJAX_COMPUTE_TIMEOUT_S``).
+    PHASE_TIMEOUT_S = float(os.environ.get("LRPJAX_PHASE_TIMEOUT_S", 3600))
+    COMPUTE_TIMEOUT_S = float(os.environ.get("LRPJAX_COMPUTE_TIMEOUT_S", 48 * 3600))
+
+    def __init__(self, scope: str = "explain") -> None:
         self.index, self.count = jax.process_index(), jax.process_count()
-        self.call = next(_CALLS)  # every process calls explain_dataset in the same order
-        self.client = None
-        if self.count > 1:
-            from jax._src import distributed
+        # every process creates its groups in the same order: the same prefix everywhere
+        self.prefix = f"lrpjax/{next(_CALLS)}-{scope}"
+        self.client = _client() if self.count > 1 else None
 
-            self.client = distributed.global_state.client
+    def _failure(self) -> ProcessFailedError | None:
+        errors = []
+        for key, value in self.client.key_value_dir_get(f"{self.prefix}/error/"):
+            errors.append((int(key.rsplit("/", 1)[-1]), value))
+        if not errors:
+            return None
+        process, message = min(errors)
+        return ProcessFailedError(f"process {process} of {self.count}: {message}")
 
-    def barrier(self, name: str) -> None:
-        if self.client is not None:
-            self.client.wait_at_barrier(f"lrpjax/{self.call}/{name}", BARRIER_TIMEOUT_S * 1000)
+    def check(self) -> None:
+        """Raise `ProcessFailedError` if another process has failed (cheap: one lookup)."""
+        if self.client is not None and (failure := self._failure()) is not None:
+            raise failure
 
-    def from_first(self, name: str, value: str = "") -> str:
-        """Process 0's `value`, on every process."""
+    def sync(self, phase: str, timeout: float | None = None) -> None:
+        """Publish that this process finished `phase` and wait for all the others.
+
+        Raises:
+          ProcessFailedError: a process published an error, or not all arrived within `timeout`.
+        """
         if self.client is None:
-            return value
-        key = f"lrpjax/{self.call}/{name}"
-        if self.index == 0:
-            self.client.key_value_set(key, value)
-            return value
-        return self.client.blocking_key_value_get(key, BARRIER_TIMEOUT_S * 1000)
+            return
+        timeout = self.PHASE_TIMEOUT_S if timeout is None else timeout
+        self.client.key_value_set(f"{self.prefix}/{phase}/{self.index}", "done")
+        deadline, delay = time.monotonic() + timeout, 0.02
+        while True:
+            if (failure := self._failure()) is not None:
+                raise failure
+            arrived = {
+                int(key.rsplit("/", 1)[-1])
+                for key, _ in self.client.key_value_dir_get(f"{self.prefix}/{phase}/")
+            }
+            if len(arrived) >= self.count:
+                return
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.count)) - arrived)
+                raise ProcessFailedError(
+                    f"process{'es' if len(missing) > 1 else ''} "
+                    f"{', '.join(map(str, missing))} of {self.count} did not finish "
+                    f"{phase!r} within {timeout:.0f} s; rerun the same command on all "
+                    "processes to resume"
+                )
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, timeout: float | None = None) -> Iterator[None]:
+        """Run the body, then `sync`. If the body raises, publish the error first: then
+        every process raises `ProcessFailedError` naming this one (KeyboardInterrupt stays)."""
+        try:
+            yield
+        except ProcessFailedError:
+            raise
+        except BaseException as e:
+            if self.client is None:
+                raise
+            message = describe(e) if not isinstance(e, KeyboardInterrupt) else "interrupted"
+            with contextlib.suppress(Exception):
+                self.client.key_value_set(f"{self.prefix}/error/{self.index}", message)
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                raise
+            raise ProcessFailedError(f"process {self.index} of {self.count}: {message}") from e
+        self.sync(name, timeout)
 
 
 def make_step(model: nnx.Module, composite, init, devices=None):
@@ -220,17 +334,11 @@ def explain_dataset(
       OutputLockedError: another run holds `out`.
     """
     out = Path(out)
-    group = _Processes()
+    group = ProcessGroup()
     with contextlib.ExitStack() as stack:
-        problem = ""
-        if group.index == 0:
-            try:
+        with group.phase("locked"):
+            if group.index == 0:
                 stack.enter_context(lock_output(out))
-            except OutputLockedError as e:
-                problem = str(e)
-        problem = group.from_first("lock", problem)
-        if problem:
-            raise OutputLockedError(problem)
         return _explain_locked(
             model, images, labels, out, group, settings=settings, composite=composite,
             init=init, target=target, batch_size=batch_size, dtype=dtype,
@@ -238,29 +346,93 @@ def explain_dataset(
         )  # fmt: skip
 
 
+#: The files of a finished result besides the arrays; ``summary.json`` is written last.
+FIGURES = ("heatmaps.png", "class_means.png")
+
+
 def _explain_locked(
-    model, images, labels, out: Path, group: _Processes, *, settings, composite, init, target,
-    batch_size, dtype, class_names, progress, figures, compare,
+    model, images, labels, out: Path, group: ProcessGroup, *, settings, composite, init,
+    target, batch_size, dtype, class_names, progress, figures, compare,
 ) -> dict:  # fmt: skip
+    """The run, with `out` locked. Process 0's steps after the computation are ordered so
+    that a kill at any point leaves `out` either as it was before or without a
+    ``summary.json`` and with the work folder in place, and a rerun finishes the job:
+
+    1. the final arrays are assembled in the work folder (moved, or merged from the
+       processes' shares into ``merged/``), the figures and ``summary.json`` are written
+       beside them (``summary.json`` last: it marks the work folder as complete);
+    2. the previous ``out/summary.json`` is removed, then the arrays and figures are moved
+       into ``out``, then ``summary.json``;
+    3. the work folder is removed last.
+
+    A rerun that finds a complete work folder (step 1 done) only repeats steps 2 and 3.
+    """
+    n = len(images)
+    with group.phase("prepared"):
+        step, state, num_devices = make_step(model, composite, init)
+        batch_size = -(-batch_size // num_devices) * num_devices
+        keyed = {**settings, "batch_size": batch_size, "n": n, "dtype": dtype}
+        if group.count > 1:
+            keyed["processes"] = group.count
+        key = run_key(keyed)
+        work = out / f"{WORK_PREFIX}{key}"
+        final = work if group.count == 1 else work / "merged"
+        if group.index == 0:
+            for stale in out.glob(f"{WORK_PREFIX}*"):
+                if stale != work:
+                    shutil.rmtree(stale, ignore_errors=True)
+            work.mkdir(parents=True, exist_ok=True)
+    # Process 0 alone reads this; the others' shares are complete then anyway.
+    complete = group.index == 0 and _read_json(final / "summary.json") is not None
+
+    with group.phase("computed", timeout=group.COMPUTE_TIMEOUT_S):
+        if complete:
+            print(f"resuming: every chunk is done; moving the results from {final}")
+            seconds, computed, num_classes, shapes, chunks, per = 0.0, 0, 0, {}, [], 1
+        else:
+            seconds, computed, num_classes, shapes, chunks, per = _compute(
+                model, images, labels, work, group, key, step, state, settings=settings,
+                target=target, batch_size=batch_size, dtype=dtype, progress=progress,
+            )  # fmt: skip
+
+    with group.phase("written"):
+        if group.index == 0:
+            if not complete:
+                if group.count == 1:
+                    total = computed
+                else:
+                    total = _merge(work, final, group.count, chunks, per, shapes, n)
+                _finish(
+                    final, images, n, seconds, total, settings, group, class_names,
+                    num_classes, figures, model, composite, init, compare,
+                )  # fmt: skip
+            _publish(final, out)
+            shutil.rmtree(work, ignore_errors=True)
+    return json.loads((out / "summary.json").read_text())
+
+
+def _publish(final: Path, out: Path) -> None:
+    """Move a complete result from `final` into `out`: the old summary out first, the new
+    one in last (files already moved by an interrupted earlier call are skipped)."""
+    (out / "summary.json").unlink(missing_ok=True)
+    for name in (*(f"{a}.npy" for a in ARRAYS), *FIGURES):
+        if (final / name).exists():
+            os.replace(final / name, out / name)
+    os.replace(final / "summary.json", out / "summary.json")
+
+
+def _compute(
+    model, images, labels, work: Path, group: ProcessGroup, key: str, step, state, *,
+    settings, target, batch_size, dtype, progress,
+):  # fmt: skip
+    """This process's share of the chunks, into its part of the work folder (resumed from
+    its manifest). Returns (seconds, images computed, class count, array shapes of a
+    share, all chunks, chunks per process)."""
     from tqdm.auto import tqdm
 
     n = len(images)
-    step, state, num_devices = make_step(model, composite, init)
-    batch_size = -(-batch_size // num_devices) * num_devices
-    keyed = {**settings, "batch_size": batch_size, "n": n, "dtype": dtype}
-    if group.count > 1:
-        keyed["processes"] = group.count
-    key = run_key(keyed)
-    work = out / f".partial-{key}"
     part = work if group.count == 1 else work / f"process-{group.index}"
-    if group.index == 0:
-        for stale in out.glob(".partial-*"):
-            if stale != work:
-                shutil.rmtree(stale, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-    group.barrier("cleaned")
     part.mkdir(parents=True, exist_ok=True)
-
     chunks = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
     per = -(-len(chunks) // group.count)
     mine = chunks[group.index * per : (group.index + 1) * per]
@@ -270,7 +442,7 @@ def _explain_locked(
     if manifest and (
         manifest.get("key") != key or not all((part / f"{a}.npy").exists() for a in ARRAYS)
     ):
-        manifest = None  # stopped while moving the finished arrays out: start over
+        manifest = None
     num_classes = int(
         jax.eval_shape(lambda x: model(x), jnp.zeros((1, *images.shape[1:]))).shape[-1]
     )
@@ -313,6 +485,7 @@ def _explain_locked(
         disable=not progress,
     )  # fmt: skip
     for start, stop in todo:
+        group.check()  # another process failed: stop now
         x = images[start:stop]
         if target == "pred":
             t = np.full(stop - start, -1, np.int32)
@@ -343,29 +516,15 @@ def _explain_locked(
     for arr in arrays.values():
         arr.flush()
     del arrays
-    group.barrier("computed")
-    seconds = time.perf_counter() - t0
-
-    if group.index == 0:
-        if group.count == 1:
-            for name in ARRAYS:
-                os.replace(work / f"{name}.npy", out / f"{name}.npy")
-            total_computed = computed
-        else:
-            total_computed = _merge(work, out, group.count, chunks, per, shapes, n)
-        shutil.rmtree(work, ignore_errors=True)
-        summary = _finish(
-            out, images, n, seconds, total_computed, settings, group, class_names, num_classes,
-            figures, model, composite, init, compare,
-        )  # fmt: skip
-    group.barrier("written")
-    if group.index != 0:
-        summary = json.loads((out / "summary.json").read_text())
-    return summary
+    return time.perf_counter() - t0, computed, num_classes, shapes, chunks, per
 
 
-def _merge(work: Path, out: Path, count: int, chunks, per: int, shapes: dict, n: int) -> int:
-    """Process 0: join every process's share into ``out``; returns the images computed."""
+def _merge(work: Path, merged: Path, count: int, chunks, per: int, shapes: dict, n: int) -> int:
+    """Process 0: join every process's share into `merged`; returns the images computed.
+
+    Raises:
+      ProcessFailedError: a process's share is incomplete.
+    """
     computed = 0
     ranges = []
     for p in range(count):
@@ -375,13 +534,12 @@ def _merge(work: Path, out: Path, count: int, chunks, per: int, shapes: dict, n:
         manifest = _read_json(work / f"process-{p}" / "manifest.json") or {}
         missing = {a for a, _ in share} - set(manifest.get("done", []))
         if missing:
-            raise RuntimeError(
+            raise ProcessFailedError(
                 f"process {p} left {len(missing)} of its {len(share)} chunks undone in "
                 f"{work / f'process-{p}'}; rerun the same command on all processes to resume"
             )
         computed += int(manifest.get("computed", 0))
         ranges.append((p, share[0][0], share[-1][1]))
-    merged = work / "merged"
     merged.mkdir(exist_ok=True)
     for name in ARRAYS:
         (_, *rest), dt = shapes[name]
@@ -395,17 +553,15 @@ def _merge(work: Path, out: Path, count: int, chunks, per: int, shapes: dict, n:
             del src
         dst.flush()
         del dst
-    for name in ARRAYS:
-        os.replace(merged / f"{name}.npy", out / f"{name}.npy")
     return computed
 
 
 def _finish(
-    out: Path, images, n: int, seconds: float, computed: int, settings: dict, group, class_names,
-    num_classes: int, figures: int, model, composite, init, compare,
+    final: Path, images, n: int, seconds: float, computed: int, settings: dict, group,
+    class_names, num_classes: int, figures: int, model, composite, init, compare,
 ) -> dict:  # fmt: skip
-    """Process 0: the summary and the figures from the final arrays."""
-    result = {name: np.load(out / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    """Process 0: the figures and (last) the summary, beside the final arrays in `final`."""
+    result = {name: np.load(final / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
     known = result["labels"] >= 0
     accuracy = (
         float((result["predictions"][known] == result["labels"][known]).mean())
@@ -437,8 +593,9 @@ def _finish(
     if class_names is None or len(class_names) != num_classes:
         class_names = [str(i) for i in range(num_classes)]
     compared = (model, composite, compare, init) if compare and compare != composite else None
-    _figures(out, images, result, list(class_names), num_classes, figures, compared)
-    models.write_json(out / "summary.json", summary)
+    _figures(final, images, result, list(class_names), num_classes, figures, compared)
+    del result
+    models.write_json(final / "summary.json", summary)
     return summary
 
 

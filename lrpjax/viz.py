@@ -185,7 +185,8 @@ def class_mean_figure(
     """One heatmap per class (e.g. the mean channel-summed relevance of its images).
 
     With more than `max_classes` classes, the `max_classes` with the most images (by
-    `counts`; else the first) are shown, in class order, and the title says so.
+    `counts`, and only classes with images; else the first) are shown, in class order, and
+    the title says so.
 
     Args:
       mean_maps: (K, H, W) per-class mean maps (any scale; each is normalised for display).
@@ -198,7 +199,12 @@ def class_mean_figure(
     total = len(h)
     shown = np.arange(total)
     if total > max_classes:
-        order = np.argsort(-np.asarray(counts), kind="stable") if counts is not None else shown
+        order = shown
+        if counts is not None:
+            n = np.asarray(counts)
+            order = np.argsort(-n, kind="stable")
+            if (n > 0).any():
+                order = order[n[order] > 0]  # empty classes have no mean to show
         shown = np.sort(order[:max_classes])
     k = len(shown)
     cols = min(k, 5)

@@ -503,6 +503,10 @@ def make_wide():
     return SmallNet(100, rngs=nnx.Rngs(0))
 
 
+def make_ten():
+    return SmallNet(10, rngs=nnx.Rngs(0))
+
+
 class Other(SmallNet):
     pass
 
@@ -608,7 +612,7 @@ def test_unknown_folder_class_is_an_error_naming_it(tmp_path, default_run):
         (["--model", "mynets:make_other", "--checkpoint", "w.npz"],
          "holds a 'SmallNet' model, but the factory builds 'Other'"),
         (["--model", "minivgg", "--checkpoint", "w.npz"],
-         "holds a 'SmallNet' model, but the factory builds 'MiniVGG'"),
+         "holds a 'SmallNet' model, but --model minivgg builds 'MiniVGG'"),
         (["--checkpoint", "w.npz"], "holds a 'SmallNet' model, not MiniVGG"),
     ],
     ids=["unknown-name", "no-checkpoint", "no-module", "no-factory", "other-class",
@@ -680,3 +684,170 @@ def test_heatmaps_show_the_saved_composite_beside_the_best_preset(
         relevance, np.asarray(lrpjax.explain(pretrained, x, composite=composite)), rtol=1e-4,
         atol=1e-6,
     )  # fmt: skip
+
+
+# --- review fixes: flags, user modules, class numbering, resume keys, finishing order ------
+
+
+@pytest.mark.parametrize("flag", ["--process-id", "--num-processes"])
+def test_distributed_flags_without_distributed_are_an_error_even_if_zero(tmp_path, flag):
+    code, _, err = explain_cli(tmp_path / "out", flag, "0")
+    assert code == 2 and err.strip() == f"error: {flag} needs --distributed", err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "kind"),
+    [("def make(:\n", "SyntaxError"), ("undefined_name\n", "NameError"),
+     ("raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here")],
+)  # fmt: skip
+def test_user_module_that_fails_to_import_is_one_error_line(tmp_path, mynets, source, kind):
+    models.save(mynets.make_net(), "w.npz")
+    (tmp_path / "broken.py").write_text(source)
+    sys.modules.pop("broken", None)
+    code, _, err = run_cli(
+        "explain", *BASE, "--out", tmp_path / "out", "--model", "broken:make", "--checkpoint",
+        "w.npz",
+    )  # fmt: skip
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: --model 'broken:make'")
+    assert "cannot import 'broken'" in err and kind in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_factory_may_import_a_neighbouring_module_when_called(tmp_path, monkeypatch):
+    """The current directory stays importable while the factory runs (as with python -m)."""
+    import importlib.util
+
+    (tmp_path / "helper.py").write_text(MYNETS)
+    (tmp_path / "lazy.py").write_text(
+        "def make():\n    import helper\n    return helper.make_ten()\n"
+    )
+    spec = importlib.util.spec_from_file_location("helper_for_saving", tmp_path / "helper.py")
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    models.save(helper.make_ten(), tmp_path / "w.npz", class_names=lrpjax.models.CLASS_NAMES)
+    monkeypatch.chdir(tmp_path)
+    # as the installed `lrpjax` script runs: the current directory is not on sys.path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    for name in ("helper", "lazy"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    code, _, err = explain_cli(tmp_path / "out", "--model", "lazy:make", "--checkpoint", "w.npz")
+    assert code == 0, err
+    for name in ("helper", "lazy"):
+        sys.modules.pop(name, None)
+
+
+def test_model_without_class_names_uses_the_data_numbering(tmp_path, mynets, sample_data):
+    """A 10-class model saved without names runs on the sample (CIFAR-10 names) anyway."""
+    models.save(mynets.make_ten(), "ten.npz")  # no class_names
+    out = tmp_path / "out"
+    code, _, err = explain_cli(out, "--model", "mynets:make_ten", "--checkpoint", "ten.npz")
+    assert code == 0, err
+    assert "warning: the model ten.npz has no class names" in err and "airplane" in err
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), sample_data[1][:LIMIT])
+    # the factory is part of the model's identity (the resume key)
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["model"].endswith(":mynets:make_ten")
+
+
+def test_shipped_architecture_with_its_own_class_count(tmp_path, image_folder):
+    """--model minivgg --checkpoint FILE builds the class count the file's header says."""
+    from flax import nnx
+
+    names = ["airplane", "cat", "dog"]
+    model = models.MiniVGG(num_classes=3, rngs=nnx.Rngs(0))
+    models.save(model, tmp_path / "vgg3.npz", class_names=names)
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        "explain", "--model", "minivgg", "--checkpoint", tmp_path / "vgg3.npz", "--data-dir",
+        image_folder, "--no-progress", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert np.load(out / "probabilities.npy").shape == (12, 3)
+
+
+def test_folder_content_is_in_the_resume_key(tmp_path):
+    root = small_image_folder(tmp_path / "imgs", 32, "RGB")
+    out = tmp_path / "out"
+    code, _, err = explain_cli(out, "--data-dir", root)
+    assert code == 0, err
+    first = json.loads((out / "summary.json").read_text())["settings"]["data"]
+    assert first.startswith(f"{root}:test@")
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(root / "test" / "cat" / "0.png")
+    code, _, err = explain_cli(out, "--data-dir", root)
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["settings"]["data"] != first
+
+
+def test_kill_while_moving_results_leaves_no_stale_summary_and_resumes(
+    tmp_path, monkeypatch, default_run
+):
+    out = tmp_path / "out"
+    shutil.copytree(default_run[0], out)  # an earlier run's complete output
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if Path(dst) == out / "predictions.npy":
+            raise KeyboardInterrupt  # as a kill in the middle of the move would stop it
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    code, _, err = explain_cli(out, "--composite", "epsilon_plus_flat")
+    assert code == 130, err
+    # some new arrays are in place: the old summary must not vouch for them
+    assert not (out / "summary.json").exists()
+    (work,) = out.glob(".partial-explain-*")
+    assert (work / "summary.json").is_file()
+
+    monkeypatch.setattr(os, "replace", real_replace)
+    spy = StepSpy(monkeypatch)
+    code, stdout, err = explain_cli(out, "--composite", "epsilon_plus_flat")
+    assert code == 0, err
+    assert spy.calls == 0 and "moving the results" in stdout
+    assert json.loads((out / "summary.json").read_text())["settings"]["composite"] == (
+        "epsilon_plus_flat"
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    fresh = tmp_path / "fresh"
+    assert explain_cli(fresh, "--composite", "epsilon_plus_flat")[0] == 0
+    for name, array in load_arrays(fresh).items():
+        np.testing.assert_array_equal(np.load(out / f"{name}.npy"), array, err_msg=name)
+
+
+def test_failure_in_the_figures_leaves_the_earlier_output_intact(
+    tmp_path, monkeypatch, default_run
+):
+    from lrpjax import viz
+
+    out = tmp_path / "out"
+    shutil.copytree(default_run[0], out)
+    before = snapshot(out)
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw")
+
+    monkeypatch.setattr(viz, "class_mean_figure", broken)
+    code, _, err = explain_cli(out, "--composite", "epsilon_plus_flat")
+    assert code == 2 and "cannot draw" in err
+    after = {k: v for k, v in snapshot(out).items() if not k.startswith(".partial-explain-")}
+    assert after == before
+
+
+def test_explain_leaves_other_commands_work_folders_alone(tmp_path):
+    out = tmp_path / "out"
+    other = out / ".partial-concepts-0123456789ab"
+    other.mkdir(parents=True)
+    (other / "manifest.json").write_text("{}")
+    stale = out / ".partial-explain-0123456789ab"
+    stale.mkdir()
+    code, _, err = explain_cli(out)
+    assert code == 0, err
+    assert (other / "manifest.json").is_file() and not stale.exists()
+
+
+def test_evaluate_with_a_bad_model_creates_no_folder(tmp_path):
+    out = tmp_path / "eval"
+    code, _, err = run_cli("evaluate", "--model", "resnet", "--out", out, "--no-progress")
+    assert code == 2 and "unknown model 'resnet'" in err, err
+    assert not out.exists()

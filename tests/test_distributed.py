@@ -2,8 +2,13 @@
 
 Each process gets 2 simulated CPU devices (4 in all), the coordinator listens on 127.0.0.1
 only, and the processes find each other as the README says: ``JAX_COORDINATOR_ADDRESS``,
-``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in the environment. The data is an image folder
-of 240 images in 8 of CIFAR-10's classes; the result must equal a one-process run.
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` in the environment, or ``--coordinator``,
+``--num-processes`` and ``--process-id``. The data is an image folder of 64 images in 8 of
+CIFAR-10's classes; the result must equal a one-process run. An error on one process ends
+both with exit status 2 and one ``error:`` line naming that process.
+
+Every process writes its output to files (no pipes to fill), is killed and reaped when its
+test ends, and all waits share one deadline for the module.
 """
 
 from __future__ import annotations
@@ -27,18 +32,23 @@ from PIL import Image
 from lrpjax import cli, data, pipeline
 
 CLASSES = ("airplane", "bird", "cat", "deer", "dog", "frog", "ship", "truck")
-PER_CLASS, BATCH = 30, 32  # 240 images, 8 chunks: 4 per process
+PER_CLASS, BATCH = 8, 8  # 64 images, 8 chunks: 4 per process
 N = PER_CLASS * len(CLASSES)
-TIMEOUT = 240  # seconds for one two-process run
+#: Seconds for the whole module (all its two-process runs together).
+BUDGET = float(os.environ.get("LRPJAX_DISTRIBUTED_TEST_BUDGET_S", 240))
+DEADLINE = time.monotonic() + BUDGET
 
 #: One process: counts the images each compiled step gets (sha1 of each real row; padding
-#: rows are zeros), optionally dies (as kill -9 would) at a given step, then runs the CLI.
+#: rows are zeros), optionally dies (as kill -9 would) or raises at a given step, then runs
+#: the CLI.
 DRIVER = textwrap.dedent(
     """
     import hashlib, json, os, sys
     from lrpjax import cli, pipeline
 
-    report, die_at = sys.argv[1], int(os.environ.get("DIE_AT_STEP", "0"))
+    report = sys.argv[1]
+    die_at = int(os.environ.get("DIE_AT_STEP", "0"))
+    raise_at = int(os.environ.get("RAISE_AT_STEP", "0"))
     steps, hashes = [0], []
     real = pipeline.make_step
 
@@ -48,6 +58,8 @@ DRIVER = textwrap.dedent(
         def spy(state, x, target):
             if steps[0] + 1 == die_at:
                 os._exit(9)
+            if steps[0] + 1 == raise_at:
+                raise ValueError("the step broke here")
             steps[0] += 1
             hashes.extend(hashlib.sha1(row.tobytes()).hexdigest() for row in x if row.any())
             return step(state, x, target)
@@ -63,6 +75,13 @@ DRIVER = textwrap.dedent(
 )
 
 
+def remaining() -> float:
+    left = DEADLINE - time.monotonic()
+    if left <= 0:
+        pytest.fail(f"the two-process tests ran past their budget of {BUDGET:.0f} s")
+    return left
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,7 +94,7 @@ def row_hash(image: np.ndarray) -> str:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """240 distinct 32x32 images in test/<class>/ for 8 CIFAR-10 classes (not all ten)."""
+    """64 distinct 32x32 images in test/<class>/ for 8 CIFAR-10 classes (not all ten)."""
     x, y = data.sample()
     root = tmp_path_factory.mktemp("dist-data")
     rng = np.random.default_rng(0)
@@ -84,7 +103,7 @@ def folder(tmp_path_factory) -> Path:
         base = x[y == k]
         (root / "test" / name).mkdir(parents=True)
         for i in range(PER_CLASS):
-            img = np.roll(base[i % len(base)], shift=(i // len(base)) * 3, axis=1)
+            img = base[i % len(base)]
             pixels = np.clip(img * 255 + rng.integers(0, 2, img.shape), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / "test" / name / f"{i:03d}.png")
     return root
@@ -93,45 +112,83 @@ def folder(tmp_path_factory) -> Path:
 ARGS = ["explain", "--batch-size", str(BATCH), "--target", "label", "--no-progress"]
 
 
-def start(folder: Path, out: Path, tmp: Path, die: dict[int, int] | None = None):
-    """Start the two processes; returns them with their report files."""
-    port = free_port()
-    script = tmp / "driver.py"
+class Pair:
+    """Two processes of one distributed run, their output in files."""
+
+    def __init__(self, procs: list[subprocess.Popen], logs: list[tuple[Path, Path, Path]]):
+        self.procs, self.logs = procs, logs
+
+    def wait(self) -> list[dict]:
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=remaining())
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the two-process tests ran past their budget of {BUDGET:.0f} s")
+        results = []
+        for proc, (out, err, report) in zip(self.procs, self.logs, strict=True):
+            results.append(
+                {"rc": proc.returncode, "stdout": out.read_text(), "stderr": err.read_text()}
+                | (json.loads(report.read_text()) if report.exists() else {})
+            )
+        return results
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """``launch(out, ...)`` starts a two-process run; every process is killed and reaped
+    when the test ends, whatever happened."""
+    started: list[subprocess.Popen] = []
+    script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    procs = []
-    for i in range(2):
-        env = {
-            **os.environ,
-            "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-            "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}",
-            "JAX_NUM_PROCESSES": "2",
-            "JAX_PROCESS_ID": str(i),
-            "DIE_AT_STEP": str((die or {}).get(i, 0)),
-        }
-        report = tmp / f"report-{i}-{time.monotonic_ns()}.json"
-        argv = [sys.executable, str(script), str(report), *ARGS]
-        argv += ["--data-dir", str(folder), "--out", str(out), "--distributed"]
-        procs.append((subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True), report))  # fmt: skip
-    return procs
+    runs = iter(range(1000))
 
+    def start(out: Path, folder: Path, *, flags=False, env=None, extra=None) -> Pair:
+        port, run = free_port(), next(runs)
+        procs, logs = [], []
+        for i in range(2):
+            environ = {
+                **os.environ,
+                "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}",
+                **{k: str(v) for k, v in ((env or {}).get(i) or {}).items()},
+            }
+            argv = [*ARGS, "--data-dir", str(folder), "--out", str(out), "--distributed"]
+            argv += [str(a) for a in (extra or {}).get(i, [])]
+            if flags:
+                argv += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+                argv += ["--process-id", str(i)]
+            else:
+                environ |= {
+                    "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                    "JAX_NUM_PROCESSES": "2",
+                    "JAX_PROCESS_ID": str(i),
+                }
+            files = tuple(tmp_path / f"run{run}-p{i}.{kind}" for kind in ("out", "err", "json"))
+            with open(files[0], "w") as stdout, open(files[1], "w") as stderr:
+                proc = subprocess.Popen(
+                    [sys.executable, str(script), str(files[2]), *argv],
+                    env=environ, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+            started.append(proc)
+            procs.append(proc)
+            logs.append(files)
+        return Pair(procs, logs)
 
-def finish(procs) -> list[dict]:
-    results = []
-    for proc, report in procs:
-        try:
-            stdout, stderr = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for p, _ in procs:
-                p.kill()
-            pytest.fail("a process of the two-process run did not finish in time")
-        results.append(
-            {"rc": proc.returncode, "stdout": stdout, "stderr": stderr}
-            | (json.loads(report.read_text()) if report.exists() else {})
-        )
-    return results
+    def start_and_wait(out: Path, folder: Path, **kwargs) -> list[dict]:
+        """Run to the end; once more on a fresh port if the coordinator could not bind
+        (another program took the free port in between)."""
+        results = start(out, folder, **kwargs).wait()
+        if any("address already in use" in r["stderr"].lower() for r in results):
+            results = start(out, folder, **kwargs).wait()
+        return results
+
+    start.run = start_and_wait
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +227,10 @@ def assert_same_result(out: Path, reference: Path) -> None:
 
 
 def test_two_processes_explain_every_image_once_into_one_result(
-    folder, one_process, images, tmp_path
+    folder, one_process, images, tmp_path, launch
 ):
     out = tmp_path / "out"
-    results = finish(start(folder, out, tmp_path))
+    results = launch.run(out, folder)
     for i, r in enumerate(results):
         assert r["rc"] == 0, r["stderr"][-3000:]
         assert f"process {i} of 2: explained {N} images" in r["stdout"], r["stdout"]
@@ -200,22 +257,25 @@ def test_two_processes_explain_every_image_once_into_one_result(
     assert summary["accuracy"] > 0.5
 
 
-def test_killed_process_resumes_only_its_missing_chunks(folder, one_process, tmp_path):
+def test_killed_process_resumes_only_its_missing_chunks_with_flags(
+    folder, one_process, tmp_path, launch
+):
+    """Process 1 dies (kill -9) after its first chunk; the rerun, started with the flags
+    instead of the environment, computes only the missing chunks."""
     out = tmp_path / "out"
-    procs = start(folder, out, tmp_path, die={1: 2})  # process 1 dies before its 2nd step
-    (p0, _), (p1, _) = procs
-    p1.wait(timeout=TIMEOUT)
+    pair = launch(out, folder, env={1: {"DIE_AT_STEP": 2}})
+    p0, p1 = pair.procs
+    p1.wait(timeout=remaining())
     assert p1.returncode == 9
-    (work,) = out.glob(".partial-*")
+    (work,) = out.glob(".partial-explain-*")
     manifest0 = work / "process-0" / "manifest.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p0.poll() is None:
+    while p0.poll() is None and remaining():
         if manifest0.exists() and len(json.loads(manifest0.read_text())["done"]) == 4:
             break  # process 0 has done its share and waits for process 1
-        time.sleep(0.5)
+        time.sleep(0.2)
     if p0.poll() is None:
         p0.send_signal(signal.SIGKILL)  # as a scheduler ends the job when one task dies
-    p0.wait(timeout=60)
+    p0.wait(timeout=remaining())
     assert not (out / "relevance.npy").exists() and not (out / "summary.json").exists()
     done = [
         set(json.loads((work / f"process-{i}" / "manifest.json").read_text())["done"])
@@ -224,13 +284,39 @@ def test_killed_process_resumes_only_its_missing_chunks(folder, one_process, tmp
     assert done[1] == {4 * BATCH}  # process 1 finished its first chunk only
     missing = [4 - len(done[0]), 4 - len(done[1])]
 
-    results = finish(start(folder, out, tmp_path))
+    results = launch.run(out, folder, flags=True)
     for r in results:
         assert r["rc"] == 0, r["stderr"][-3000:]
     assert [r["steps"] for r in results] == missing
     assert "resuming: 1 of 4 chunks" in results[1]["stdout"]
     assert_same_result(out, one_process)
     assert not list(out.glob(".partial-*")) and not (out / pipeline.LOCK_NAME).exists()
+
+
+def assert_failed_with(results: list[dict], message: str) -> None:
+    """Both processes exit 2 with the same one error line, naming the failing process."""
+    for r in results:
+        assert r["rc"] == 2, r["stderr"][-3000:]
+        lines = [line for line in r["stderr"].splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, r["stderr"][-3000:]
+        assert lines[0].startswith(f"error: {message}"), lines[0]
+        assert "Traceback" not in r["stderr"], r["stderr"][-3000:]
+
+
+def test_error_on_one_process_while_computing_ends_both(folder, tmp_path, launch):
+    out = tmp_path / "out"
+    results = launch.run(out, folder, env={1: {"RAISE_AT_STEP": 2}})
+    assert_failed_with(results, "process 1 of 2: the step broke here")
+    assert not (out / "summary.json").exists() and not (out / pipeline.LOCK_NAME).exists()
+
+
+def test_error_on_one_process_while_preparing_ends_both(folder, tmp_path, launch):
+    """Process 1 cannot read its data (a host without the shared folder)."""
+    out = tmp_path / "out"
+    results = launch.run(out, folder, extra={1: ["--data-dir", tmp_path / "not-mounted"]})
+    assert_failed_with(results, "process 1 of 2: ")
+    assert all("not-mounted does not exist" in r["stderr"] for r in results)
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_distributed_with_one_process(folder, one_process, tmp_path):
@@ -248,8 +334,9 @@ def test_distributed_with_one_process(folder, one_process, tmp_path):
     argv = [*ARGS, "--data-dir", str(folder), "--out", str(out), "--distributed"]
     code = f"import sys; from lrpjax.cli import main; sys.exit(main({argv!r}))"
     proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT
-    )
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True,
+        timeout=remaining(),
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"explained {N} images" in proc.stdout
     assert_same_result(out, one_process)
@@ -259,7 +346,20 @@ def test_distributed_settings_are_checked():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "two"}
     code = "import sys; from lrpjax.cli import main; sys.exit(main(['explain', '--distributed']))"
     proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=TIMEOUT
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: JAX_NUM_PROCESSES must be an integer, got 'two'"
+
+
+def test_distributed_flags_are_parsed(monkeypatch):
+    seen = {}
+
+    def fake_init(coordinator, num_processes, process_id):
+        seen.update(coordinator=coordinator, n=num_processes, id=process_id)
+        raise cli.CLIError("stop here")
+
+    monkeypatch.setattr(cli, "init_distributed", fake_init)
+    argv = ["explain", "--distributed", "--coordinator", "10.0.0.1:1234"]
+    assert cli.main([*argv, "--num-processes", "4", "--process-id", "0"]) == 2
+    assert seen == {"coordinator": "10.0.0.1:1234", "n": 4, "id": 0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import zipfile
 
 import jax
@@ -492,11 +493,15 @@ def test_import_factory(tmp_path, monkeypatch):
     (tmp_path / "userpkg" / "nets.py").write_text(
         "class A:\n    @staticmethod\n    def make():\n        return 1\n"
     )
+    (tmp_path / "userpkg" / "broken.py").write_text("def f(:\n")
+    (tmp_path / "userpkg" / "raises.py").write_text("import numpy\nnumpy.nothing_here\n")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
     assert models.import_factory("userpkg.nets:A.make")() == 1
-    assert str(tmp_path) not in __import__("sys").path[:1]
     for bad, message in [("nocolon", "expected"), ("userpkg.nets:B", "has no 'B'"),
-                         ("userpkg.missing:f", "cannot import")]:  # fmt: skip
+                         ("userpkg.missing:f", "cannot import"),
+                         ("userpkg.broken:f", r"cannot import 'userpkg.broken': SyntaxError"),
+                         ("userpkg.raises:f", "AttributeError: .*nothing_here")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             models.import_factory(bad)
 
