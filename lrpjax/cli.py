@@ -18,7 +18,6 @@ from lrpjax.cli_common import (
     init_distributed,
     load_data,
     load_model,
-    parse_target,
 )
 
 __all__ = ["CLIError", "main"]
@@ -159,14 +158,9 @@ def _concepts_parser(sub) -> None:
 
 def cmd_concepts(args) -> int:
     """Run ``lrpjax concepts`` from parsed arguments."""
-    from lrpjax import INITS, composites, concepts
+    from lrpjax import concepts
 
-    if args.composite not in composites.PRESETS:
-        raise CLIError(
-            f"unknown composite {args.composite!r}; choose from {', '.join(composites.PRESETS)}"
-        )
-    if args.init not in INITS:
-        raise CLIError(f"unknown init {args.init!r}; choose from {', '.join(INITS)}")
+    check_rules(args.composite, args.init)
     for flag in ("batch_size", "top_k", "atlas_channels", "atlas_images"):
         if getattr(args, flag) < 1:
             raise CLIError(
@@ -175,9 +169,7 @@ def cmd_concepts(args) -> int:
     loaded = load_model(args)
     fitted = fit_data(loaded, load_data(args))
     images, labels, source = fitted.images, fitted.labels, fitted.source
-    target = parse_target(args.target, fitted.num_classes)
-    if target == "label" and (labels < 0).any():
-        raise CLIError("--target label needs labelled images; use --target pred")
+    target = check_target(args.target, fitted, "; use --target pred")
     info = concepts.concept_layers(loaded.model, images[:1], args.composite)  # traced once
     if args.layer and "all" in args.layer:
         layers = [p for p, i in info.items() if i.reader]
@@ -187,7 +179,7 @@ def cmd_concepts(args) -> int:
     out = Path(args.out)
     check_writable(out)
     # --top-k is not in the resume key: the streamed arrays do not depend on it.
-    settings = {"model": loaded.identity, "data": source, "limit": args.limit}
+    settings = {"model": loaded.identity, "data": fitted.identity, "limit": args.limit}
     summary = concepts.concepts_dataset(
         loaded.model,
         images,

@@ -51,7 +51,9 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -128,55 +130,9 @@ class ConceptLayer:
         return int(np.prod(self.shape[:-1], dtype=np.int64))
 
 
-def _unit_paths(model: nnx.Module, composite: composites_lib.Composite) -> dict[str, tuple]:
-    return {"/".join(map(str, p)): p for p in engine._units(model, composite)}
-
-
-def _get(parent: Any, key: Any) -> Any:
-    return parent[key] if isinstance(key, int) else getattr(parent, key)
-
-
-def _set(parent: Any, key: Any, value: Any) -> None:
-    if isinstance(key, int):
-        parent[key] = value
-    else:
-        setattr(parent, key, value)
-
-
-class _Tap:
-    """Stands in for a layer: calls it and hands its output (and input) to `seen`."""
-
-    def __init__(self, layer: nnx.Module, path: str, seen: Callable, wrap: bool):
-        self.layer, self.path, self.seen, self.wrap = layer, path, seen, wrap
-
-    def __call__(self, *args, **kwargs):
-        if self.wrap:  # one named call per layer, so that its output is one jaxpr variable
-
-            def call(a):
-                return self.layer(a, *args[1:], **kwargs)
-
-            call.__name__ = f"lrpjax_tap_{self.path}"
-            y = jax.jit(call)(args[0])
-        elif len(args) == 1 and not kwargs:  # as the engine runs it: XLA may share the two
-            y = engine._fast_forward(self.layer)(args[0])
-        else:
-            y = self.layer(*args, **kwargs)
-        self.seen(self.path, args[0] if args else None, y)
-        return y
-
-
-def _tapped(graphdef, state, composite, paths: Sequence[str], seen: Callable, wrap: bool):
-    """A fresh copy of the model (eval mode) whose layers `paths` report to `seen`."""
-    model = nnx.merge(graphdef, state, copy=True)
-    model.eval()
-    units = _unit_paths(model, composite)
-    for path in paths:
-        key = units[path]
-        parent = model
-        for k in key[:-1]:
-            parent = _get(parent, k)
-        _set(parent, key[-1], _Tap(_get(parent, key[-1]), path, seen, wrap))
-    return model
+def _operand(eqn) -> Any:
+    """A unit call's input (its operand after the equation's consts; `engine.traced_units`)."""
+    return eqn.invars[eqn.params.get("num_consts", 0)]
 
 
 def concept_layers(
@@ -185,10 +141,12 @@ def concept_layers(
     """Every layer of `model` in call order, with its output shape and where its output
     relevance can be read.
 
-    The model is traced once on `x` (abstractly; nothing is computed). A layer's output
-    relevance is the input relevance of layer M exactly when the layer's output is used once,
-    as M's input (checked on the traced computation, so code between layers, a residual
-    addition or a second use makes ``reader`` None).
+    The model is traced once on `x` (abstractly; nothing is computed) with
+    `lrpjax.engine.traced_units`. A layer's output relevance is the input relevance of layer
+    M exactly when the layer's output is used once, as M's input (checked on the traced
+    computation, so code between layers, a residual addition or a second use makes
+    ``reader`` None). Layers called inside jit-compiled functions of the model are not
+    listed.
 
     Args:
       model: a Flax NNX model lrpjax can explain.
@@ -199,31 +157,17 @@ def concept_layers(
       ``{path: ConceptLayer}`` in call order.
     """
     composite = composites_lib.get(composite)
-    called = engine.layer_calls(model, x, composite)
-    calls = [p for p, _ in called]
-    kinds = {p: type(layer).__name__ for p, layer in called}
-    graphdef, state = nnx.split(model)
-    inputs: dict[str, Any] = {}
-    outputs: dict[str, Any] = {}
-
-    def seen(path, a, y):
-        inputs[path], outputs[path] = a, y
-
-    tapped = _tapped(graphdef, state, composite, calls, seen, wrap=True)
-    closed = jax.make_jaxpr(lambda x: tapped(x))(jnp.zeros(np.shape(x), np.asarray(x).dtype))
+    x = jnp.zeros(np.shape(x), np.asarray(x).dtype)
+    closed, gates, units = engine.traced_units(model, x, composite)
     jaxpr = closed.jaxpr
-    producer: dict[Any, str] = {}
-    for eqn in jaxpr.eqns:
-        name = str(eqn.params.get("name", ""))
-        if name.startswith("lrpjax_tap_") and len(eqn.outvars) == 1:
-            producer[eqn.outvars[0]] = name[len("lrpjax_tap_") :]
+    producer = {jaxpr.eqns[i].outvars[0]: path for i, path in gates.items()}
     uses: dict[Any, list[str | None]] = {v: [] for v in producer}
-    for eqn in jaxpr.eqns:
-        name = str(eqn.params.get("name", ""))
-        user = name[len("lrpjax_tap_") :] if name.startswith("lrpjax_tap_") else None
+    for i, eqn in enumerate(jaxpr.eqns):
+        reader = gates.get(i)
+        operand = _operand(eqn) if reader is not None else None
         for v in eqn.invars:
             if not isinstance(v, jex_core.Literal) and v in uses:
-                uses[v].append(user)
+                uses[v].append(reader if v is operand else None)
     for v in jaxpr.outvars:
         if not isinstance(v, jex_core.Literal) and v in uses:
             uses[v].append(None)
@@ -231,11 +175,24 @@ def concept_layers(
     for var, path in producer.items():
         readers = uses[var]
         reader = readers[0] if len(readers) == 1 else None
-        if reader is not None and inputs.get(reader) is not outputs[path]:
-            reader = None  # used by the layer, but not as its (first) input
-        shape = tuple(int(d) for d in outputs[path].shape[1:])
-        layers[path] = ConceptLayer(path, kinds[path], shape, reader)
-    return {p: layers[p] for p in calls if p in layers}
+        shape = tuple(int(d) for d in var.aval.shape[1:])
+        layers[path] = ConceptLayer(path, type(units[path]).__name__, shape, reader)
+    return layers
+
+
+def _activations(model: nnx.Module, x: jax.Array, composite, paths: Sequence[str]) -> dict:
+    """The outputs of the layers `paths` on x: the model's traced forward
+    (`engine.traced_units`, the engine's own layer forwards, which XLA can share with an
+    explanation's) evaluated up to those layers."""
+    closed, gates, _ = engine.traced_units(model, x, composite)
+    jaxpr = closed.jaxpr
+    at = {path: i for i, path in gates.items()}
+    outvars = [jaxpr.eqns[at[p]].outvars[0] for p in paths]
+    info = jaxpr.debug_info  # its result paths name the model's outputs, no longer these
+    info = info._replace(result_paths=None) if info is not None else None
+    pruned = jex_core.ClosedJaxpr(jaxpr.replace(outvars=outvars, debug_info=info), closed.consts)
+    probes = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in jaxpr.invars[1:]]
+    return dict(zip(paths, jex_core.jaxpr_as_fun(pruned)(x, *probes), strict=True))
 
 
 def default_layers(layers: Mapping[str, ConceptLayer]) -> list[str]:
@@ -318,9 +275,9 @@ def channel_explainer(
       model: a Flax NNX model.
       layers: the layers to report, from `concept_layers` (each with a ``reader``).
       composite, init: as for `lrpjax.explain`.
-      activations: also run the forward pass with the layers tapped (the engine's layer
-        forwards, which XLA can share with the explanation's) and report each channel's
-        largest activation (activation maximisation).
+      activations: also evaluate the model's traced forward pass up to the layers (the
+        engine's layer forwards, which XLA can share with the explanation's) and report each
+        channel's largest activation (activation maximisation).
       peaks: also report where each channel's relevance (and activation) is largest.
 
     Returns:
@@ -343,12 +300,7 @@ def channel_explainer(
                 peak[path] = _first_max(r, r.max(axis=1))
         act = act_peak = None
         if activations:
-            found: dict[str, jax.Array] = {}
-
-            def seen(path, a, y):
-                found[path] = y
-
-            _tapped(graphdef, state, composite, list(wanted), seen, False)(x)
+            found = _activations(nnx.merge(graphdef, state), x, composite, list(wanted))
             act, act_peak = {}, {} if peaks else None
             for path in wanted:
                 a = _per_channel(found[path].astype(jnp.float32))
@@ -648,7 +600,8 @@ class ClassStatistics(NamedTuple):
         this layer.
       order: (K, C) channels by decreasing mean relevance.
       channels_for: ``{0.5: (K,), 0.9: (K,)}``: how many of the best channels it takes to
-        reach that fraction of the class's positive mean relevance.
+        reach that fraction of the class's positive mean relevance (between 1 and C; 0 for
+        a class without positive mean relevance: no images, or only negative relevance).
     """
 
     mean: np.ndarray
@@ -681,8 +634,12 @@ def class_statistics(
     share = mean / (np.abs(mean).sum(axis=1, keepdims=True) + NORM_EPS)
     order = np.argsort(-mean, axis=1, kind="stable")
     positive = np.clip(np.take_along_axis(mean, order, 1), 0, None)
-    cumulative = np.cumsum(positive, axis=1) / (positive.sum(axis=1, keepdims=True) + NORM_EPS)
-    channels_for = {f: (cumulative < f - 1e-12).sum(axis=1) + 1 for f in (0.5, 0.9)}
+    total = positive.sum(axis=1)
+    cumulative = np.cumsum(positive, axis=1) / np.where(total > 0, total, 1.0)[:, None]
+    channels_for = {
+        f: np.where(total > 0, np.minimum((cumulative < f - 1e-12).sum(axis=1) + 1, c), 0)
+        for f in (0.5, 0.9)
+    }
     return ClassStatistics(
         mean.astype(np.float32), count, share.astype(np.float32), order, channels_for
     )
@@ -773,6 +730,11 @@ def _file_name(path: str) -> str:
 
 PER_LAYER = ("relevance", "activation")
 
+#: Work folders of ``lrpjax concepts`` in its output folder: ``.partial-concepts-<key>/``.
+#: Only folders with this prefix are ever cleaned up, so a ``lrpjax explain`` run's own
+#: resumable work in the same folder is left alone.
+WORK_PREFIX = ".partial-concepts-"
+
 
 def _make_step(model, layers, composite, init, devices=None):
     """The channel step compiled with the batch axis sharded over `devices`."""
@@ -801,7 +763,7 @@ def concepts_dataset(
     out: str | os.PathLike,
     *,
     settings: dict,
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str] | Mapping[str, ConceptLayer] | None = None,
     composite: Any = "epsilon",
     init: str = "logit",
     target: str | int = "label",
@@ -816,10 +778,18 @@ def concepts_dataset(
     image, top-k reference images per channel, class statistics, a concept atlas.
 
     One compiled step per batch (batch axis sharded over all local devices, parameters
-    replicated); results stream into memory-mapped arrays in ``out/.partial-<key>/``, with a
-    manifest of finished batches: a rerun with the same settings computes only the missing
-    ones. Final files appear when every batch is done; ``concepts.json`` is written last.
-    The output folder is locked (`lrpjax.pipeline.lock_output`) while the run lasts.
+    replicated); results stream into memory-mapped arrays in ``out/.partial-concepts-<key>/``
+    (`WORK_PREFIX`), with a manifest of finished batches: a rerun with the same settings
+    computes only the missing ones (`k` and the atlas are not part of the key: they derive
+    from the streamed arrays). Other ``.partial-concepts-*`` folders (runs with other
+    settings) are removed; other commands' work folders are not. When every batch is done,
+    the top-k, class statistics, peak positions and the atlas are made in the work folder;
+    then the previous ``concepts.json`` is removed, the new files are moved into `out`, the
+    layer folders of the previous result that this run does not write are removed, and
+    ``concepts.json`` is written last, before the work folder is removed. Killed at any
+    point, `out` holds either the previous complete result (with its ``concepts.json``) or
+    no ``concepts.json`` and a work folder from which the same command resumes. The output
+    folder is locked (`lrpjax.pipeline.lock_output`) while the run lasts.
 
     Output (per layer L, in ``out/L/``, "/" in paths written as "."):
       ``relevance.npy`` (N, C) channel relevance; ``activation.npy`` (N, C) largest
@@ -838,7 +808,8 @@ def concepts_dataset(
       images: (N, H, W, C) float32 (checked by the caller); labels: (N,) int (-1: unknown).
       out: output folder.
       settings: what determines the results besides the arguments below (model, data).
-      layers: layer paths (default: `default_layers`).
+      layers: layer paths (default: `default_layers`), or ``{path: ConceptLayer}`` from
+        `concept_layers` (the model is then not traced again).
       composite, init: as for `lrpjax.explain`; target: ``"label"``, ``"pred"`` or an int.
       batch_size: images per compiled call (rounded up to a multiple of the device count).
       k: reference images per channel.
@@ -853,9 +824,13 @@ def concepts_dataset(
       pipeline.OutputLockedError: another run holds `out`.
     """
     out = Path(out)
-    info = concept_layers(model, images[:1], composite)
-    chosen = check_layers(info, default_layers(info) if not layers else list(layers))
-    chosen_info = {p: info[p] for p in chosen}
+    if layers and isinstance(layers, Mapping):
+        chosen_info = dict(layers)
+        check_layers(chosen_info, list(chosen_info))
+    else:
+        info = concept_layers(model, images[:1], composite)
+        chosen = check_layers(info, default_layers(info) if not layers else list(layers))
+        chosen_info = {p: info[p] for p in chosen}
     with pipeline.lock_output(out):
         return _concepts_locked(
             model, images, labels, out, chosen_info, settings=settings, composite=composite,
@@ -878,24 +853,26 @@ def _concepts_locked(
         "target": target, "batch_size": batch_size, "n": n, "kind": "concepts",
     }  # fmt: skip
     key = pipeline.run_key(keyed)
-    work = out / f".partial-{key}"
-    for stale in out.glob(".partial-*"):
-        if stale != work:
-            shutil.rmtree(stale, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    num_classes = int(
-        jax.eval_shape(lambda x: model(x), jnp.zeros((1, *images.shape[1:]))).shape[-1]
-    )
+    work = out / f"{WORK_PREFIX}{key}"
+    num_classes = models.output_size(model, images.shape[1:])
     files = {"targets": ((n,), "int32"), "predictions": ((n,), "int32")}
     for path, layer in layers.items():
         for name in PER_LAYER:
             files[f"{_file_name(path)}/{name}"] = ((n, layer.channels), "float32")
+    folders = sorted({_file_name(p) for p in layers})
     manifest_path = work / "manifest.json"
-    manifest = pipeline._read_json(manifest_path)
-    if manifest and (
-        manifest.get("key") != key or not all((work / f"{f}.npy").exists() for f in files)
-    ):
-        manifest = None
+    # Layer folders in `out` that the published result must not keep: those of the previous
+    # result (read when publishing) and those of runs killed while publishing, inherited
+    # from their work folders (this run's own included) before these are removed.
+    replaces: set[str] = set()
+    for folder in out.glob(f"{WORK_PREFIX}*"):
+        left = _read_json(folder / "manifest.json") or {}
+        replaces |= set(left.get("replaces", []))
+        if left.get("publishing"):
+            replaces |= set(left.get("folders", []))
+    others = [p for p in out.glob(f"{WORK_PREFIX}*") if p != work]
+    manifest = _resume(work, out, key, [f"{f}.npy" for f in files])
+    work.mkdir(parents=True, exist_ok=True)
     mode = "r+" if manifest else "w+"
     arrays = {}
     for name, (shape, dt) in files.items():
@@ -909,14 +886,19 @@ def _concepts_locked(
     if done:
         print(f"resuming: {len(done)} of {len(chunks)} batches already done in {work}")
 
-    def write_manifest(computed: int) -> None:
+    def write_manifest(computed: int, publishing: bool = False) -> None:
         models.write_json(
             manifest_path,
-            {"key": key, "settings": keyed, "done": sorted(done), "computed": computed},
-        )
+            {
+                "key": key, "settings": keyed, "done": sorted(done), "computed": computed,
+                "folders": folders, "replaces": sorted(replaces), "publishing": publishing,
+            },
+        )  # fmt: skip
 
     computed = 0
-    write_manifest(computed)
+    write_manifest(computed)  # what `replaces` inherited is safe here: now remove the others
+    for other in others:
+        shutil.rmtree(other, ignore_errors=True)
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=n - sum(b - a for a, b in todo), unit="img", disable=not progress)
     for start, stop in todo:
@@ -960,7 +942,7 @@ def _concepts_locked(
     for path, layer in layers.items():
         f = _file_name(path)
         rel = res[f"{f}/relevance"]
-        normed = _normalized_blocks(rel)
+        normed = _Normalized(rel)
         by_rel = top_k(normed, k)
         by_act = top_k(res[f"{f}/activation"], k)
         tops[path] = (by_rel, by_act)
@@ -976,7 +958,7 @@ def _concepts_locked(
                 continue
             best = stats.order[c, :5]
             shown = best[:atlas_channels]
-            refs = top_k(normed[:, shown], atlas_references, where=targets == c)
+            refs = top_k(_Normalized(rel, shown), atlas_references, where=targets == c)
             per_class[names[c]] = {
                 "images": int(stats.count[c]),
                 "top_channels": [int(ch) for ch in best],
@@ -1036,6 +1018,7 @@ def _concepts_locked(
         "computed": computed,
         "devices": [str(d) for d in jax.devices()],
         "settings": keyed,
+        "key": key,
         "k": k,
         "class_names": names,
         "convention": "channels are a layer's OUTPUT channels; channel relevance is the "
@@ -1046,14 +1029,65 @@ def _concepts_locked(
     }
     del res
     np.save(work / "labels.npy", labels_arr)
-    for name in [*files, *derived, "labels"]:
-        dst = out / f"{name}.npy"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(work / f"{name}.npy", dst)
-    os.replace(work / "atlas.png", out / "atlas.png")
-    shutil.rmtree(work, ignore_errors=True)
-    models.write_json(out / "concepts.json", summary)
+    previous = _read_json(out / "concepts.json") or {}
+    if isinstance(previous.get("layers"), dict):
+        replaces |= {_file_name(str(p)) for p in previous["layers"]}
+    write_manifest(computed, publishing=True)  # before the previous result goes
+    names = [*(f"{name}.npy" for name in [*files, *derived, "labels"]), "atlas.png"]
+    _publish(work, out, names, sorted(replaces - set(folders)), summary)
     return summary
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None if it is missing or unreadable."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _resume(work: Path, out: Path, key: str, arrays: Sequence[str]) -> dict | None:
+    """The manifest of `work` if the run can resume from it, else None.
+
+    A run killed while publishing has moved some of `arrays` into `out` and removed the
+    previous ``concepts.json``: they are moved back, and the rest of the run is redone
+    from the finished arrays. If ``concepts.json`` is there with this run's key, the
+    publishing had finished and only the work folder was left: it is started afresh.
+    """
+    manifest = _read_json(work / "manifest.json")
+    if not manifest or manifest.get("key") != key:
+        return None
+    if manifest.get("publishing"):
+        published = _read_json(out / "concepts.json")
+        if published and published.get("key") == key:
+            shutil.rmtree(work, ignore_errors=True)
+            return None
+        for name in arrays:
+            if not (work / name).exists() and (out / name).exists():
+                (work / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(out / name, work / name)
+    if not all((work / name).exists() for name in arrays):
+        return None
+    return manifest
+
+
+def _publish(work: Path, out: Path, names: Sequence[str], stale: Sequence[str], summary):
+    """Move a finished run's files `names` from `work` into `out`, in an order that a kill
+    cannot turn into a result that looks complete but is not: the previous
+    ``concepts.json`` goes first, then the files move, then the previous result's layer
+    folders `stale` are removed, ``concepts.json`` is written, and the work folder (whose
+    manifest says what is being published) is removed last."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(out / "concepts.json")
+    for name in names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(work / name, out / name)
+    for folder in stale:
+        if folder and folder not in (".", "..") and "/" not in folder and "\\" not in folder:
+            shutil.rmtree(out / folder, ignore_errors=True)
+    models.write_json(out / "concepts.json", summary)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 class _Peaks:
@@ -1106,11 +1140,19 @@ def _peaks_at(
     return _Peaks({int(i): r for r, i in enumerate(index)}, arrays)
 
 
-def _normalized_blocks(rel: np.ndarray, block: int = 4096) -> np.ndarray:
-    return np.concatenate(
-        [normalize(rel[s : s + block]) for s in range(0, len(rel), block)]
-        or [np.zeros((0, rel.shape[1]), np.float32)]
-    )
+class _Normalized:
+    """`normalize` (rel) applied block by block as rows are read, so that `top_k` streams
+    over a memory-mapped (N, C) array; `columns` keeps only some channels (normalised by
+    all of them)."""
+
+    def __init__(self, rel: np.ndarray, columns: np.ndarray | None = None):
+        self.rel, self.columns = rel, columns
+        width = rel.shape[1] if columns is None else len(columns)
+        self.shape = (rel.shape[0], width)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        normed = normalize(self.rel[rows])
+        return normed if self.columns is None else normed[:, self.columns]
 
 
 def _atlas_entries(

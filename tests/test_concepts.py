@@ -187,12 +187,19 @@ def test_channel_relevance_equals_the_hand_loop(use_bias: bool) -> None:
         want = R_out[path].reshape(3, -1, R_out[path].shape[-1])
         np.testing.assert_allclose(out.relevance[path], want.sum(1), rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(out.peak[path], want.argmax(1))
-    a1 = np.asarray(model.relu1(model.conv1(x)))
-    np.testing.assert_allclose(out.activation["relu2"].shape, (3, 5))
-    z1 = np.asarray(model.conv1(x)).reshape(3, -1, 4)
-    np.testing.assert_allclose(out.activation["conv1"], z1.max(1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(out.activation_peak["conv1"], z1.argmax(1))
-    assert a1.shape == (3, 6, 6, 4)
+    # activations: the explicit forward pass of the hand loop, per channel over positions
+    k1, k2 = (np.asarray(c.kernel[...], np.float64) for c in (model.conv1, model.conv2))
+    b1, b2 = (
+        np.zeros(c.kernel[...].shape[-1]) if c.bias is None else np.asarray(c.bias[...])
+        for c in (model.conv1, model.conv2)
+    )
+    z1 = _conv(k1, x.astype(np.float64)) + b1
+    z2 = _conv(k2, np.maximum(z1, 0)) + b2
+    a2 = np.maximum(z2, 0)
+    for path, a in (("conv1", z1), ("conv2", z2), ("relu2", a2)):
+        a = a.reshape(3, -1, a.shape[-1])
+        np.testing.assert_allclose(out.activation[path], a.max(1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(out.activation_peak[path], a.argmax(1))
 
 
 @pytest.mark.parametrize(
@@ -355,9 +362,40 @@ def test_normalize_and_class_statistics() -> None:
         np.testing.assert_allclose(stats.mean[k], want, rtol=1e-5, atol=1e-6)
         assert stats.count[k] == len(members)
     np.testing.assert_array_equal(stats.order[0], np.argsort(-stats.mean[0], kind="stable"))
-    m = np.clip(np.sort(stats.mean[1])[::-1], 0, None)
-    need = int(np.argmax(np.cumsum(m) / m.sum() >= 0.5)) + 1
-    assert stats.channels_for[0.5][1] == need
+    for f in (0.5, 0.9):
+        for k in (0, 1):
+            m = np.clip(np.sort(stats.mean[k])[::-1], 0, None)
+            need = int(np.argmax(np.cumsum(m) / m.sum() >= f - 1e-6)) + 1
+            assert stats.channels_for[f][k] == need
+    # the empty class: no images, a zero mean, and no channel carries anything
+    assert stats.count[2] == 0
+    np.testing.assert_array_equal(stats.mean[2], 0)
+    np.testing.assert_array_equal(stats.share[2], 0)
+    assert stats.channels_for[0.5][2] == 0 and stats.channels_for[0.9][2] == 0
+
+
+def test_channels_for_stays_within_the_channels() -> None:
+    """A class with no positive mean relevance needs no channels (it used to get C + 1); a
+    tiny positive total still needs at most C."""
+    rel = np.array(
+        [[-1.0, -2.0, -0.5], [1e-12, 0.0, -1.0], [0.6, 0.25, 0.15]], np.float32
+    )  # class 0: all negative; class 1: a tiny positive part; class 2: ordinary; class 3: none
+    stats = concepts.class_statistics(rel, np.array([0, 1, 2]), 4)
+    for f in (0.5, 0.9):
+        np.testing.assert_array_equal(stats.channels_for[f], [0, 1, 1 if f == 0.5 else 3, 0])
+        assert (stats.channels_for[f] <= 3).all()
+
+
+def test_normalized_top_k_streams_blocks() -> None:
+    """Top-k by relevance normalised per image, read block by block, equals top-k of the
+    whole normalised array, also for a subset of channels (normalised by all of them)."""
+    rng = np.random.default_rng(3)
+    rel = rng.normal(size=(23, 5)).astype(np.float32)
+    normed = concepts.normalize(rel)
+    got = concepts.top_k(concepts._Normalized(rel), 4, block=4)
+    np.testing.assert_array_equal(got.index, brute_top_k(normed, 4))
+    got = concepts.top_k(concepts._Normalized(rel, np.array([3, 1])), 2, block=5)
+    np.testing.assert_array_equal(got.index, brute_top_k(normed[:, [3, 1]], 2))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -454,15 +492,24 @@ def test_cli_resumes_after_an_interrupt(tmp_path: Path, monkeypatch, full_run: P
     spy = StepSpy(monkeypatch, interrupt_at=2)
     code, _, err = run_cli("concepts", *BASE, *LAYERS, "--out", out)
     assert code == 130 and "rerun the same command" in err
-    assert not (out / "concepts.json").exists() and list(out.glob(".partial-*"))
+    assert not (out / "concepts.json").exists() and list(out.glob(".partial-concepts-*"))
     spy = StepSpy(monkeypatch)
-    code, stdout, err = run_cli("concepts", *BASE, *LAYERS, "--out", out)
+    traced = []
+    real = concepts.concept_layers
+    monkeypatch.setattr(concepts, "concept_layers", lambda *a: traced.append(a) or real(*a))
+    # another --top-k resumes too: it only changes what is derived from the streamed arrays
+    code, stdout, err = run_cli("concepts", *BASE, *LAYERS, "--top-k", "2", "--out", out)
     assert code == 0, err
     assert spy.calls == 2  # batches 2 and 3 of 3 (8, 8, 4 images)
     assert "resuming: 1 of 3 batches" in stdout
-    for name in ("conv3/relevance", "dense1/activation", "targets", "dense1/top_relevance_index"):
+    assert len(traced) == 1  # the model's layers are found once per command
+    for name in ("conv3/relevance", "dense1/activation", "targets"):
         a, b = np.load(out / f"{name}.npy"), np.load(full_run / f"{name}.npy")
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    top = np.load(out / "dense1/top_relevance_index.npy")
+    assert top.shape == (512, 2)
+    np.testing.assert_array_equal(top, np.load(full_run / "dense1/top_relevance_index.npy")[:, :2])
+    assert json.loads((out / "concepts.json").read_text())["k"] == 2
 
 
 @pytest.mark.parametrize(
@@ -491,3 +538,109 @@ def test_cli_refuses_a_locked_folder(tmp_path: Path) -> None:
         code, _, err = run_cli("concepts", *BASE, "--layer", "dense1", "--out", out)
     assert code == 2 and "in use by another lrpjax run" in err
     assert sorted(os.listdir(out)) == []
+
+
+# --------------------------------------------------------------------------- dataset runs
+
+
+def tiny_run(out: Path, layers: list[str], n: int = 10) -> dict:
+    """`concepts_dataset` on TinyNet: n images in batches of 4, k = 2."""
+    model, _ = tiny()
+    x = np.random.default_rng(5).uniform(0.05, 1.0, (n, 6, 6, 3)).astype(np.float32)
+    return concepts.concepts_dataset(
+        model, x, np.arange(n) % 3, out, settings={"model": "tiny"}, layers=layers,
+        composite=composite(), batch_size=4, k=2, progress=False,
+    )  # fmt: skip
+
+
+class KilledError(Exception):
+    """Stands for the process being killed at that point."""
+
+
+def kill_publish_at(monkeypatch, when) -> None:
+    """Make `concepts._publish` stop at the first file operation `when(op, path)` selects."""
+    real = concepts._publish
+
+    def guard(op, fn):
+        def call(*args, **kwargs):
+            if when(op, Path(args[-1] if op == "replace" else args[0])):
+                raise KilledError(op)
+            return fn(*args, **kwargs)
+
+        return call
+
+    def publish(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(os, "remove", guard("remove", os.remove))
+            m.setattr(os, "replace", guard("replace", os.replace))
+            m.setattr(concepts.shutil, "rmtree", guard("rmtree", concepts.shutil.rmtree))
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(concepts, "_publish", publish)
+
+
+def published_layers(out: Path) -> list[str] | None:
+    """The layers of the result in `out` if it has a concepts.json, after checking that
+    exactly their folders are there, complete; None (and a work folder to resume) if not."""
+    if not (out / "concepts.json").exists():
+        assert list(out.glob(f"{concepts.WORK_PREFIX}*")), "neither a result nor work to resume"
+        return None
+    summary = json.loads((out / "concepts.json").read_text())
+    layers = list(summary["layers"])
+    folders = {d.name for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    assert folders == set(layers), (folders, layers)
+    for layer in layers:
+        for name in ("relevance", "activation", "top_relevance_index", "class_mean"):
+            assert (out / layer / f"{name}.npy").exists(), (layer, name)
+    for name in ("targets.npy", "predictions.npy", "labels.npy", "atlas.png"):
+        assert (out / name).exists(), name
+    return layers
+
+
+def test_a_kill_while_publishing_leaves_the_old_result_or_a_resumable_run(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """KilledError at each step of moving the results into place, the folder holds either the
+    previous complete result or no concepts.json and a work folder; the rerun finishes the
+    same result as an undisturbed run, without the previous run's other layer folders."""
+    clean = tmp_path / "clean"
+    tiny_run(clean, ["conv2"])
+    out = tmp_path / "out"
+    tiny_run(out, ["conv1", "conv2"])  # the previous result
+    assert published_layers(out) == ["conv1", "conv2"]
+    capsys.readouterr()
+    prefix = concepts.WORK_PREFIX
+    kills = [  # (where, what the folder then holds)
+        (lambda op, p: op == "remove" and p.name == "concepts.json", ["conv1", "conv2"]),
+        (lambda op, p: op == "replace" and p.name == "relevance.npy", None),
+        (lambda op, p: op == "rmtree" and p.name == "conv1", None),
+        (lambda op, p: op == "replace" and p.name == "concepts.json", None),
+        (lambda op, p: op == "rmtree" and p.name.startswith(prefix), ["conv2"]),
+    ]
+    for i, (when, holds) in enumerate(kills):
+        with monkeypatch.context() as m:
+            kill_publish_at(m, when)
+            with pytest.raises(KilledError):
+                tiny_run(out, ["conv2"])
+        assert published_layers(out) == holds, i
+        ran = capsys.readouterr().out
+        # after the first kill every rerun resumed: no batch computed again
+        assert i == 0 or "resuming: 3 of 3 batches" in ran, (i, ran)
+    tiny_run(out, ["conv2"])
+    assert published_layers(out) == ["conv2"]
+    assert not list(out.glob(f"{prefix}*")) and not (out / "conv1").exists()
+    for name in ("conv2/relevance", "conv2/top_relevance_index", "conv2/class_mean", "labels"):
+        np.testing.assert_allclose(np.load(out / f"{name}.npy"), np.load(clean / f"{name}.npy"))
+
+
+def test_concepts_leaves_other_commands_work_folders_alone(tmp_path: Path) -> None:
+    """Only `.partial-concepts-*` folders of other settings are cleaned up: the resumable
+    work of `lrpjax explain` (`.partial-explain-*`) in the same folder stays."""
+    out = tmp_path / "out"
+    explain_work = out / ".partial-explain-0123456789ab"
+    explain_work.mkdir(parents=True)
+    (explain_work / "manifest.json").write_text("{}")
+    (out / f"{concepts.WORK_PREFIX}0123456789ab").mkdir()
+    tiny_run(out, ["conv2"], n=4)
+    assert (explain_work / "manifest.json").read_text() == "{}"
+    assert sorted(p.name for p in out.glob(".partial-*")) == [explain_work.name]
