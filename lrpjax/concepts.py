@@ -902,17 +902,7 @@ def _concepts_locked(
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=n - sum(b - a for a, b in todo), unit="img", disable=not progress)
     for start, stop in todo:
-        x = images[start:stop]
-        if target == "pred":
-            t = np.full(stop - start, -1, np.int32)
-        elif target == "label":
-            t = labels[start:stop].astype(np.int32)
-        else:
-            t = np.full(stop - start, int(target), np.int32)
-        pad = batch_size - len(x)
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            t = np.concatenate([t, np.zeros(pad, np.int32)])
+        x, t = pipeline.padded_batch(images, labels, start, stop, target, batch_size)
         result = jax.device_get(step(state, x, t))
         m = stop - start
         arrays["targets"][start:stop] = result.target[:m]

@@ -248,6 +248,36 @@ class ProcessGroup:
         self.sync(name, timeout)
 
 
+def padded_batch(
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    start: int,
+    stop: int,
+    target: str | int,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images [start, stop) and their targets, zero-padded to `batch_size` rows.
+
+    One compiled shape for every batch, the last one too (and a batch smaller than the device
+    count). `target`: ``"pred"`` (-1, the predicted class), ``"label"`` or a class index.
+
+    Returns:
+      x (batch_size, ...) and t (batch_size,) int32.
+    """
+    x = images[start:stop]
+    if target == "pred":
+        t = np.full(stop - start, -1, np.int32)
+    elif target == "label":
+        t = labels[start:stop].astype(np.int32)
+    else:
+        t = np.full(stop - start, int(target), np.int32)
+    pad = batch_size - len(x)
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+        t = np.concatenate([t, np.zeros(pad, np.int32)])
+    return x, t
+
+
 def make_step(model: nnx.Module, composite, init, devices=None):
     """A jit-compiled explanation step with the batch axis sharded over `devices`.
 
@@ -486,17 +516,7 @@ def _compute(
     )  # fmt: skip
     for start, stop in todo:
         group.check()  # another process failed: stop now
-        x = images[start:stop]
-        if target == "pred":
-            t = np.full(stop - start, -1, np.int32)
-        elif target == "label":
-            t = labels[start:stop].astype(np.int32)
-        else:
-            t = np.full(stop - start, int(target), np.int32)
-        pad = batch_size - len(x)  # one compiled shape; also covers a batch < device count
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            t = np.concatenate([t, np.zeros(pad, np.int32)])
+        x, t = padded_batch(images, labels, start, stop, target, batch_size)
         relevance, probs, targets = jax.device_get(step(state, x, t))
         k = stop - start
         a, b = start - lo, stop - lo
