@@ -340,3 +340,33 @@ def test_parameter_free_layers_called_twice_are_glue():
     R_separate = lrpjax.explain(separate, X, composite=LRP0)
     np.testing.assert_allclose(R_shared, R_separate, rtol=1e-5, atol=1e-7)
     assert list(layers) == ["first", "second", "head"]
+
+
+class NewLayerTypes(nnx.Module):
+    """ConvTranspose, Einsum and LinearGeneral, bias-free, between ReLUs."""
+
+    def __init__(self):
+        rngs = nnx.Rngs(5)
+        self.up = nnx.ConvTranspose(2, 3, (3, 3), strides=(2, 2), use_bias=False, rngs=rngs)
+        self.mix = nnx.Einsum("nhwc,cd->nhwd", (3, 4), rngs=rngs)
+        self.head = nnx.LinearGeneral((8, 4), 2, axis=(-2, -1), use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.mix(nnx.relu(self.up(x))))  # (N, 8, 8, 4)
+        return self.head(jnp.mean(h, axis=2))
+
+
+@pytest.mark.parametrize("rule", [rules.z(), rules.alpha_beta(2, 1), rules.gamma()], ids=repr)
+def test_conv_transpose_einsum_and_linear_general(rule):
+    """LRP-0 equals gradient x input on this bias-free ReLU net; the sign-splitting rules
+    run on the same layers through their affine views."""
+    model = NewLayerTypes()
+    assert model.mix.bias is None
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 4, 4, 2)), jnp.float32)
+    mapping = {nnx.ConvTranspose: rule, nnx.Einsum: rule, nnx.LinearGeneral: rule}
+    R = lrpjax.explain(model, x, composite=mapping)
+    assert np.all(np.isfinite(np.asarray(R)))
+    if isinstance(rule, rules.Z):
+        target = jnp.argmax(model(x), axis=-1)
+        grad = jax.grad(lambda x: jnp.sum(model(x)[jnp.arange(2), target]))(x)
+        np.testing.assert_allclose(R, x * grad, rtol=1e-4, atol=1e-6)
