@@ -405,7 +405,7 @@ def _equation(ev: _Evaluation, eqn) -> None:
 
         ev.write(eqn.outvars[0], relevance_gate(ev.glue_rule("<product>"), product, (x, y)), True)
         return
-    if name in LINEAR and _linear_ok(name, relevant):
+    if name in LINEAR and (_linear_ok(name, relevant) or _relu(eqn, relevant)):
         ev.write_all(eqn.outvars, _bind(eqn, [ev.read(v) for v in eqn.invars]), True)
         return
     raise LayerError(
@@ -426,6 +426,18 @@ def is_gate(eqn) -> bool:
     return (
         getattr(bwd, "__name__", None) == GATE_NAME
         or getattr(getattr(bwd, "f", None), "__name__", None) == GATE_NAME
+    )
+
+
+def _relu(eqn, relevant: list[bool]) -> bool:
+    """max(x, 0) or min(x, 0) with a literal zero: positively homogeneous, so autodiff's
+    relevance (the identity rule's, too) passes without a rule of its own."""
+    return (
+        eqn.primitive.name in ("max", "min")
+        and sum(relevant) == 1
+        and any(
+            isinstance(v, jax_core.Literal) and np.all(np.asarray(v.val) == 0) for v in eqn.invars
+        )
     )
 
 
@@ -466,7 +478,7 @@ def _extend_activation(ev: _Evaluation, eqn, relevant: list[bool]) -> bool:
     if any(b is not base for b in bases) or np.shape(base) != out_shape:
         return False
     started = any(ev.is_pending(v) for v in eqn.invars)
-    if not started and not _nonlinear(name, relevant):
+    if not started and (_relu(eqn, relevant) or not _nonlinear(name, relevant)):
         return False  # a linear op on a plain value: autodiff handles it exactly
     specs, consts = [], []
     for v, rel in zip(eqn.invars, relevant, strict=True):
