@@ -69,6 +69,7 @@ __all__ = [
     "random_map",
     "sensitivity",
     "smoothgrad",
+    "spec_params",
 ]
 
 Explainer = tuple[Callable[[nnx.State, jax.Array, jax.Array], jax.Array], nnx.State]
@@ -510,6 +511,8 @@ EXPLAINERS: dict[str, Callable[..., Explainer]] = {
 
 
 def _value(text: str) -> Any:
+    if "/" in text:
+        return tuple(int(v) for v in text.split("/") if v)
     for kind in (int, float):
         try:
             return kind(text)
@@ -518,12 +521,19 @@ def _value(text: str) -> Any:
     return text
 
 
-def _params(text: str, spec: str) -> dict[str, Any]:
+def spec_params(text: str, spec: str, what: str = "explainer") -> dict[str, Any]:
+    """The ``key=value,...`` part of a spec (``"smoothgrad:samples=8"``,
+    ``"vit:depth=2,channels=32/64"``) as keyword arguments: ints, floats, ``/``-separated
+    int tuples, or strings.
+
+    Raises:
+      ValueError: an item without ``=``, naming the `what` spec.
+    """
     params = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"explainer spec {spec!r}: expected key=value, got {item!r}")
+            raise ValueError(f"{what} spec {spec!r}: expected key=value, got {item!r}")
         params[key.strip()] = _value(value.strip())
     return params
 
@@ -554,13 +564,13 @@ def make(model: nnx.Module, spec: str) -> Explainer:
         composite, _, rest = spec[4:].partition(":")
         if composite not in composites_lib.PRESETS:
             raise ValueError(f"unknown explainer {spec!r}; known: {known}")
-        params = _params(rest, spec)
+        params = spec_params(rest, spec)
         init = str(params.pop("init", "logit"))
         return lrp(model, composite, init, **params)
     name, _, rest = spec.partition(":")
     if name not in EXPLAINERS:
         raise ValueError(f"unknown explainer {spec!r}; known: {known}")
-    params = _params(rest, spec)
+    params = spec_params(rest, spec)
     try:
         return EXPLAINERS[name](model, **params)
     except TypeError as e:

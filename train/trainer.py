@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lrpjax import compilation, models
+from lrpjax import baselines, compilation, models
 
 __all__ = [
     "MODELS",
@@ -74,17 +74,6 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
 }
 
 
-def _model_value(text: str):
-    if "/" in text:
-        return tuple(int(v) for v in text.split("/") if v)
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def build_model(spec: str, seed: int = 0) -> nnx.Module:
     """The model a spec names, ``"<name>"`` or ``"<name>:key=value,..."``, freshly initialised.
 
@@ -96,12 +85,7 @@ def build_model(spec: str, seed: int = 0) -> nnx.Module:
     name, _, rest = spec.partition(":")
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    kwargs = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"model spec {spec!r}: expected key=value, got {item!r}")
-        kwargs[key.strip()] = _model_value(value.strip())
+    kwargs = baselines.spec_params(rest, spec, "model")
     try:
         return MODELS[name](nnx.Rngs(seed), **kwargs)
     except TypeError as e:
