@@ -122,19 +122,29 @@ class TransformerBlock(nnx.Module):
     separate modules (toggled by ``model.train()`` / ``model.eval()``).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, *, rngs: nnx.Rngs):
-        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float,
+        *,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        self.norm1 = nnx.LayerNorm(dim, use_bias=use_bias, rngs=rngs)
         self.attn = nnx.MultiHeadAttention(
-            num_heads=heads, in_features=dim, decode=False, rngs=rngs
+            num_heads=heads, in_features=dim, use_bias=use_bias, decode=False, rngs=rngs
         )
         self.drop1 = nnx.Dropout(dropout, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-        self.mlp1 = nnx.Linear(dim, mlp_dim, rngs=rngs)
-        self.mlp2 = nnx.Linear(mlp_dim, dim, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, use_bias=use_bias, rngs=rngs)
+        self.mlp1 = nnx.Linear(dim, mlp_dim, use_bias=use_bias, rngs=rngs)
+        self.mlp2 = nnx.Linear(mlp_dim, dim, use_bias=use_bias, rngs=rngs)
         self.drop2 = nnx.Dropout(dropout, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.drop1(self.attn(self.norm1(x)))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x: (N, T, dim); mask: None or (N, heads or 1, T, T) booleans (True: attend)."""
+        x = x + self.drop1(self.attn(self.norm1(x), mask=mask))
         return x + self.drop2(self.mlp2(nnx.gelu(self.mlp1(self.norm2(x)))))
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from lrpjax.layers import MaxPool
-from lrpjax.models import MiniVGG
+from lrpjax.models import MiniVGG, TransformerBlock
 
 __all__ = [
     "CNN1D",
@@ -92,31 +92,13 @@ class ResNet(nnx.Module):
         return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-class EncoderBlock(nnx.Module):
-    """Pre-norm transformer block: x + MHA(LN(x)), then x + MLP(LN(x)) with GELU."""
-
-    def __init__(self, dim: int, heads: int, mlp_dim: int, *, use_bias: bool = True, rngs):
-        self.norm1 = nnx.LayerNorm(dim, use_bias=use_bias, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(
-            num_heads=heads, in_features=dim, use_bias=use_bias, decode=False, rngs=rngs
-        )
-        self.norm2 = nnx.LayerNorm(dim, use_bias=use_bias, rngs=rngs)
-        self.mlp1 = nnx.Linear(dim, mlp_dim, use_bias=use_bias, rngs=rngs)
-        self.mlp2 = nnx.Linear(mlp_dim, dim, use_bias=use_bias, rngs=rngs)
-        self.dropout = nnx.Dropout(0.1, rngs=rngs)
-
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        x = x + self.attn(self.norm1(x), mask=mask, deterministic=True)
-        h = self.mlp2(nnx.gelu(self.mlp1(self.norm2(x))))
-        return x + self.dropout(h, deterministic=True)
-
-
 class _Transformer(nnx.Module):
-    """Blocks ``block0``, ``block1``, ..., a final LayerNorm and a dense head."""
+    """Blocks ``block0``, ``block1``, ... (`lrpjax.models.TransformerBlock`: pre-norm
+    attention and GELU MLP, as the shipped CCT's), a final LayerNorm and a dense head."""
 
     def _encoder(self, dim, depth, heads, mlp_dim, num_classes, use_bias, rngs) -> None:
         for i in range(depth):
-            block = EncoderBlock(dim, heads, mlp_dim, use_bias=use_bias, rngs=rngs)
+            block = TransformerBlock(dim, heads, mlp_dim, 0.1, use_bias=use_bias, rngs=rngs)
             setattr(self, f"block{i}", block)
         self.depth = depth
         self.norm = nnx.LayerNorm(dim, use_bias=use_bias, rngs=rngs)
