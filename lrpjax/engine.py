@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend import core as jax_core
 
 from lrpjax import compilation, glue, layer_types
 from lrpjax import composites as composites_lib
@@ -213,7 +214,6 @@ class _Probe:
 
         plain = not leaves
         forward = _fast_forward(layer) if plain else None
-        rule = tape.rules[path]
 
         def call(a, side):
             return forward(a) if plain else bound(side)(a)
@@ -231,7 +231,9 @@ class _Probe:
             a, side, y, mask = residuals
             if mask is not None:  # a condition (CRP): relevance of the chosen outputs only
                 c_out = c_out * mask.astype(c_out.dtype)
-            c_in, R_in = rule.backward(bound(side), a, y, c_out)
+            # Looked up when the backward is traced: the engine may refine a rule after
+            # tracing the forward pass (`_rectified`).
+            c_in, R_in = tape.rules[path].backward(bound(side), a, y, c_out)
             if jnp.issubdtype(a.dtype, jnp.floating):
                 c_in = c_in.astype(a.dtype)
             else:  # integer inputs (tokens): their relevance leaves through the probe
@@ -370,15 +372,79 @@ def traced_units(
         return instrumented(x)
 
     closed = jax.make_jaxpr(forward)(x, zeros)
-    probe_vars = dict(zip(closed.jaxpr.invars[1:], sorted(zeros), strict=True))
+    return closed, _gates(closed.jaxpr, zeros), plan.units
+
+
+def _gates(jaxpr, probes: Mapping[str, Any]) -> dict[int, str]:
+    """Index of each top-level equation of `jaxpr` (traced as ``f(x, probes)``) that calls a
+    unit, mapped to the unit's path."""
+    probe_vars = dict(zip(jaxpr.invars[1:], sorted(probes), strict=True))
     gates = {}
-    for i, eqn in enumerate(closed.jaxpr.eqns):
+    for i, eqn in enumerate(jaxpr.eqns):
         if eqn.primitive.name == "custom_vjp_call" and glue.is_gate(eqn):
-            a_index = eqn.params.get("num_consts", 0)
-            probe = eqn.invars[a_index + 1]
+            probe = eqn.invars[_operand_index(eqn) + 1]
             if probe in probe_vars:
                 gates[i] = probe_vars[probe]
-    return closed, gates, plan.units
+    return gates
+
+
+def _operand_index(eqn) -> int:
+    """Where a gate equation's layer input is among its operands (after its constants)."""
+    return eqn.params.get("num_consts", 0)
+
+
+def _rectified(jaxpr, gates: dict[int, str], plan: _Plan, rules: Mapping) -> set[str]:
+    """Units whose output reaches the relevance only through a ReLU: the output's one use
+    is a `layer_types.RECTIFIERS` unit whose rule passes relevance along the gradient or
+    unchanged, or ``max(., 0)`` (also inside jit or custom_jvp, as `jax.nn.relu`). Their
+    relevance is zero wherever their output is <= 0."""
+    uses: dict[Any, list] = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, jax_core.Literal):
+                uses.setdefault(v, []).append(eqn)
+    outputs = {v for v in jaxpr.outvars if not isinstance(v, jax_core.Literal)}
+    by_eqn = {id(jaxpr.eqns[i]): path for i, path in gates.items()}
+    found = set()
+    for i, path in gates.items():
+        (y,) = jaxpr.eqns[i].outvars
+        users = uses.get(y, [])
+        if len(users) != 1 or y in outputs:
+            continue
+        (user,) = users
+        relu_unit = by_eqn.get(id(user))
+        if relu_unit is not None:
+            ok = (
+                isinstance(plan.units[relu_unit], layer_types.RECTIFIERS)
+                and isinstance(rules[relu_unit], rules_lib.Gradient | rules_lib.Identity)
+                and user.invars[_operand_index(user)] is y
+                and user.invars.count(y) == 1
+            )
+        else:
+            ok = _only_relu(user, y)
+        if ok:
+            found.add(path)
+    return found
+
+
+def _only_relu(eqn, v) -> bool:
+    """Whether `eqn`, the one use of v, is ``max(v, 0)``, or a call whose body uses v only
+    so (recursively)."""
+    name = eqn.primitive.name
+    if name == "max":
+        other = [u for u in eqn.invars if u is not v]
+        return (
+            len(other) == 1
+            and isinstance(other[0], jax_core.Literal)
+            and bool(np.all(np.asarray(other[0].val) == 0))
+        )
+    if name not in glue.CALL_PARAMS or eqn.invars.count(v) != 1:
+        return False
+    inner = eqn.params[glue.CALL_PARAMS[name]]
+    inner = getattr(inner, "jaxpr", inner)
+    w = inner.invars[eqn.invars.index(v)]
+    users = [e for e in inner.eqns if any(u is w for u in e.invars)]
+    return len(users) == 1 and w not in inner.outvars and _only_relu(users[0], w)
 
 
 def _canonized(graphdef, state, composite, x) -> tuple[Any, nnx.State]:
@@ -472,6 +538,8 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
             return model(x)
 
         closed = jax.make_jaxpr(forward)(x, zeros)
+        for path in _rectified(closed.jaxpr, _gates(closed.jaxpr, zeros), plan, tape.rules):
+            tape.rules[path] = tape.rules[path].for_rectified_output()
         float_input = jnp.issubdtype(x.dtype, jnp.floating)
 
         def interpreted(x, probes):

@@ -154,7 +154,7 @@ _ELEMENTWISE = NONLINEAR | frozenset(
     ]
 )
 _BILINEAR = frozenset(["mul", "dot_general", "conv_general_dilated"])
-_CALL_PARAMS = {
+CALL_PARAMS = {
     "jit": "jaxpr",
     "pjit": "jaxpr",
     "closed_call": "call_jaxpr",
@@ -392,7 +392,7 @@ def _equation(ev: _Evaluation, eqn) -> None:
     if name == "stop_gradient":
         ev.write_all(eqn.outvars, _bind(eqn, [ev.read(v) for v in eqn.invars]), False)
         return
-    if name in _CALL_PARAMS:
+    if name in CALL_PARAMS:
         _call(ev, eqn, relevant)
         return
     if _extend_activation(ev, eqn, relevant):
@@ -452,7 +452,7 @@ def _linear_ok(name: str, relevant: list[bool]) -> bool:
 
 
 def _call(ev: _Evaluation, eqn, relevant: list[bool]) -> None:
-    inner = eqn.params[_CALL_PARAMS[eqn.primitive.name]]
+    inner = eqn.params[CALL_PARAMS[eqn.primitive.name]]
     if isinstance(inner, jax_core.ClosedJaxpr):
         jaxpr, consts = inner.jaxpr, inner.consts
     else:

@@ -37,6 +37,7 @@ __all__ = [
     "EMBEDDINGS",
     "LAYER_NORMS",
     "PASS_THROUGH",
+    "RECTIFIERS",
     "RESHAPING",
     "Affine",
     "Bound",
@@ -65,6 +66,9 @@ BATCH_NORMS: tuple[type, ...] = (nnx.BatchNorm,)
 LAYER_NORMS: tuple[type, ...] = (nnx.LayerNorm, nnx.RMSNorm)
 #: Parameter-free, positively homogeneous layers: relevance follows their own gradient.
 PASS_THROUGH: tuple[type, ...] = (ReLU, Flatten, MaxPool, nnx.Dropout)
+#: Layers that pass only the positive part of their input: relevance below them is zero
+#: wherever their input is <= 0 (`rules.Rule.for_rectified_output`).
+RECTIFIERS: tuple[type, ...] = (ReLU,)
 #: Layers whose output is their input rearranged: a layer after one still sees the input.
 RESHAPING: tuple[type, ...] = (Flatten, nnx.Dropout)
 #: Token embeddings: integer inputs, relevance per token.

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import lrpjax
 from lrpjax import rules
 from lrpjax.composites import FIRST
-from lrpjax.layers import MaxPool
+from lrpjax.layers import MaxPool, ReLU
 from lrpjax.models import MiniVGG
 
 # --- models ----------------------------------------------------------------------------
@@ -536,8 +536,10 @@ def _definition_only(rule: rules.Rule):
         {nnx.Linear: rules.epsilon(), nnx.Conv: rules.epsilon(), nnx.BatchNorm: rules.epsilon()},
         {nnx.Linear: rules.z(), nnx.Conv: rules.alpha_beta(2, 1), nnx.BatchNorm: rules.z()},
         {nnx.Linear: rules.epsilon(0.1), nnx.Conv: rules.gamma(0.25), nnx.BatchNorm: rules.zplus()},
+        # z+ before a ReLU (conv1-4, dense1): the three-product form from the layer's output
+        {nnx.Linear: rules.zplus(), nnx.Conv: rules.zplus(), nnx.BatchNorm: rules.epsilon()},
     ],
-    ids=["epsilon", "z_alpha2beta1", "gamma_zplus"],
+    ids=["epsilon", "z_alpha2beta1", "gamma_zplus", "zplus_rectified"],
 )
 def test_minivgg_per_unit_forms_equal_rule_definitions(vgg, mapping):
     """The engine's per-unit path (each rule's own `backward`) gives the relevance of the
@@ -805,3 +807,87 @@ def test_property_random_mlp_conserves(widths, eps, alpha, kind, seed):
     np.testing.assert_allclose(
         per_sample_sum(relevance), per_sample_sum(layers["layers/0"]), rtol=1e-4, atol=1e-6
     )
+
+
+# --- layers before a ReLU ------------------------------------------------------------------
+
+
+class _Rectified(nnx.Module):
+    """Convolutions whose outputs meet a ReLU in the ways models write one, and ones that
+    do not: a `ReLU` layer, ``nnx.relu`` (jit and custom_jvp around ``max(., 0)``), a
+    ReLU plus a second use, ``min(., 0)``, GELU, and the logits."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        def conv(cin: int, cout: int) -> nnx.Conv:
+            return nnx.Conv(cin, cout, (3, 3), rngs=rngs)
+
+        self.layer_relu, self.relu = conv(2, 3), ReLU()
+        self.function_relu, self.branched, self.min_zero = conv(3, 3), conv(3, 3), conv(3, 3)
+        self.gelu, self.last = conv(3, 3), nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.relu(self.layer_relu(x))
+        x = nnx.relu(self.function_relu(x))
+        h = self.branched(x)
+        x = nnx.relu(h) + 0.5 * h
+        x = jnp.minimum(self.min_zero(x), 0.0)
+        x = nnx.gelu(self.gelu(x))
+        return self.last(x.mean(axis=(1, 2)))
+
+
+def test_layers_before_a_relu_are_found():
+    from lrpjax import engine
+
+    model = _Rectified(nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 2)), jnp.float32)
+    found = []
+    original = engine._rectified
+
+    def spy(*args):
+        found.append(original(*args))
+        return found[-1]
+
+    engine._rectified = spy
+    try:
+        lrpjax.explain(model, x, composite="epsilon")
+    finally:
+        engine._rectified = original
+    assert found == [{"layer_relu", "function_relu"}]
+
+
+def _clear_compiled(engine) -> None:
+    engine._explain_fn.cache_clear()
+    engine._jitted.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_zplus_before_a_relu_equals_the_stacked_form(dtype):
+    """z+ from the layer's output (three products) is the exact stacked z+ (four) wherever
+    relevance flows: the miniVGG's convolutions and dense layer all feed a ReLU."""
+    from lrpjax import engine
+
+    model = random_minivgg(seed=3)
+    x = images(3, seed=5).astype(dtype)
+    if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    try:
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(
+            lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state
+        )
+        model = nnx.merge(graphdef, state)
+        mapping = {nnx.Linear: rules.zplus(), nnx.Conv: rules.zplus(), nnx.BatchNorm: rules.z()}
+        fast = np.asarray(lrpjax.explain(model, x, composite=mapping))
+        original = engine._rectified
+        engine._rectified = lambda *args: set()
+        _clear_compiled(engine)
+        try:
+            stacked = np.asarray(lrpjax.explain(model, x, composite=mapping))
+        finally:
+            engine._rectified = original
+            _clear_compiled(engine)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    error = np.abs(fast - stacked).max(axis=(1, 2, 3)) / np.abs(stacked).max(axis=(1, 2, 3))
+    assert error.max() <= (1e-12 if dtype == "float64" else 1e-5)
+    assert np.abs(stacked).max() > 0

@@ -610,3 +610,38 @@ def test_rules_without_per_unit_form_use_their_definition():
 def _halves(layer, a, R):
     """A user rule as a plain function: half of the epsilon rule's relevance."""
     return 0.5 * rules.epsilon()(layer, a, R)
+
+
+@pytest.mark.parametrize("layer_id", ["dense", "conv_rgb", "conv_strided", "batchnorm"])
+def test_zplus_from_the_output_matches_loop_reference_where_output_is_positive(layer_id):
+    """z+ for a layer before a ReLU (relevance zero wherever y <= 0) takes z+ from y and
+    one product of |W| and |a|: it is the per-neuron z+ there."""
+    make, shape = PER_UNIT_LAYERS[layer_id]
+    layer = make()
+    rng = np.random.default_rng(7)
+    a = jnp.asarray(_inputs(rng, shape))
+    y = layer(a)
+    c = jnp.where(y > 0, jnp.asarray(rng.normal(size=y.shape).astype(np.float32)), 0.0)
+    rule = rules.zplus().for_rectified_output()
+    assert rule.rectified
+    _, R_in = rule.backward(layer, a, y, c)
+    assert_close(R_in, rules.zplus()(layer, a, y * c), rtol=2e-5)
+    if layer_id != "batchnorm":
+        kernel, bias = params_of(layer)
+        if layer_id == "dense":
+            conns, bias_full = dense_connections(kernel), bias
+        else:
+            stride = 2 if layer_id == "conv_strided" else 1
+            padding = "VALID" if layer_id == "conv_strided" else "SAME"
+            conns, out_shape = conv_connections(kernel, shape[1:3], (stride, stride), padding)
+            bias_full = np.broadcast_to(bias, out_shape).ravel()
+        ref = batch_reference("alpha_beta", a, y * c, conns, bias_full, alpha=1, beta=0, eps=1e-6)
+        assert_close(R_in, ref, rtol=2e-5)
+
+
+def test_only_zplus_has_a_form_for_rectified_outputs():
+    assert rules.alpha_beta(2, 1).for_rectified_output() == rules.alpha_beta(2, 1)
+    assert rules.epsilon().for_rectified_output() == rules.epsilon()
+    assert rules.zplus().for_rectified_output() != rules.zplus()
+    with pytest.raises(ValueError, match="z\\+"):
+        rules.AlphaBeta(2.0, 1.0, 1e-6, rectified=True)
