@@ -14,7 +14,7 @@ import contextlib
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +26,16 @@ from flax import nnx
 
 from lrpjax import baselines, compilation, models, zoo
 
-__all__ = ["DEFAULT_METHODS", "RATIOS", "add_parser", "benchmark", "method_fn", "table"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "RATIOS",
+    "add_parser",
+    "benchmark",
+    "fidelity",
+    "fidelity_table",
+    "method_fn",
+    "table",
+]
 
 DEFAULT_METHODS = (
     "forward",
@@ -170,6 +179,90 @@ def benchmark(
     }
 
 
+#: The LRP presets of `DEFAULT_METHODS`: what `fidelity` checks by default.
+LRP_METHODS = tuple(m for m in DEFAULT_METHODS if m.startswith("lrp:"))
+
+
+def fidelity(
+    model: nnx.Module,
+    images: np.ndarray,
+    methods: Sequence[str] = LRP_METHODS,
+    dtype: str = "bfloat16",
+    region: int = 4,
+) -> list[dict]:
+    """How far explanations computed in `dtype` are from float32's, per method.
+
+    Both are computed as `benchmark` times them (weights, statistics and images cast to
+    `dtype`). Pixel flipping (MoRF, mean replacement, `region` x `region` regions, all of
+    them) runs the float32 model on both maps, so that only the maps differ.
+
+    Args:
+      model: the model (float32).
+      images: (N, H, W, C) float32 images.
+      methods: explainer specs of `lrpjax.baselines.make` (``lrp:<preset>``, ...).
+      dtype: the reduced precision, e.g. ``"bfloat16"``.
+      region: side of a flipped region in pixels.
+
+    Returns:
+      One row per method: ``prediction_changes`` (images whose predicted class differs in
+      `dtype`; both maps explain float32's), ``relative_l2_median``, ``relative_l2_max``
+      (per image, ``||R_dtype - R_float32|| / ||R_float32||``), ``aopc_float32``,
+      ``aopc_<dtype>`` and their standard errors ``..._se``.
+    """
+    from lrpjax import metrics
+
+    x32 = jnp.asarray(images, jnp.float32)
+    # Both maps explain the class float32 predicts (the low-precision model may predict
+    # another one for some images; counted in ``prediction_changes``).
+    target = jnp.argmax(jax.jit(lambda m, x: m(x))(model, x32), axis=-1)
+    graphdef, state = nnx.split(model)
+    low_logits = jax.jit(lambda s, x: nnx.merge(graphdef, s, copy=True)(x))(
+        _cast_floats(state, dtype), x32.astype(dtype)
+    )
+    changes = int(jnp.sum(jnp.argmax(low_logits, axis=-1) != target))
+    rows = []
+    for method in methods:
+        fn, state = baselines.make(model, method)
+        run = compilation.jit(fn)
+        r32 = np.asarray(run(state, x32, target), np.float64)
+        r_low = np.asarray(run(_cast_floats(state, dtype), x32.astype(dtype), target), np.float64)
+        norm = np.linalg.norm(r32.reshape(len(r32), -1), axis=1)
+        diff = np.linalg.norm((r_low - r32).reshape(len(r32), -1), axis=1)
+        rel = diff / np.where(norm > 0, norm, 1.0)
+        row = {"method": method, "dtype": dtype, "images": len(r32),
+               "prediction_changes": changes, "relative_l2_median": float(np.median(rel)),
+               "relative_l2_max": float(rel.max())}  # fmt: skip
+        for name, rel_map in (("float32", r32), (dtype, r_low)):
+            curves = metrics.region_perturbation(
+                model, x32, rel_map.astype(np.float32), target, region=region, progress=False
+            )
+            row[f"aopc_{name}"], row[f"aopc_{name}_se"] = metrics.summary(metrics.aopc(curves))
+        rows.append(row)
+    return rows
+
+
+def fidelity_table(rows: list[dict]) -> str:
+    """A markdown table of `fidelity` rows."""
+    if not rows:
+        return ""
+    dtype = rows[0]["dtype"]
+    lines = [
+        f"{rows[0]['images']} images; the predicted class differs in {dtype} for "
+        f"{rows[0]['prediction_changes']}; relative L2 per image, "
+        f"||R_{dtype} - R_float32|| / ||R_float32||",
+        "",
+        f"| method | rel. L2 median | rel. L2 max | MoRF AOPC float32 | MoRF AOPC {dtype} |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['relative_l2_median']:.4f} | {r['relative_l2_max']:.4f} | "
+            f"{r['aopc_float32']:.3f} ± {r['aopc_float32_se']:.3f} | "
+            f"{r[f'aopc_{dtype}']:.3f} ± {r[f'aopc_{dtype}_se']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(report: dict) -> str:
     """A markdown table of a `benchmark` report."""
     lines = [
@@ -197,8 +290,10 @@ def table(report: dict) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time LRP against the forward pass and the gradient")
-    p.add_argument("--batch-sizes", default="1,64,256,1024", help="comma-separated")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated")
+    p.add_argument(
+        "--batch-sizes", default=None, help="comma-separated (default 1,64,256,1024; --peer: 256)"
+    )
+    p.add_argument("--methods", default=None, help="comma-separated (default: all)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--checkpoint", help="model weights (default: shipped model)")
@@ -215,12 +310,24 @@ def add_parser(sub) -> None:
         help="compile with plain jax.jit, without lrpjax's XLA options (for comparison)",
     )
     p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.add_argument(
+        "--peer",
+        choices=["zennit"],
+        help="instead: check lrpjax's relevance against Zennit (PyTorch) on the shipped "
+        'images, then time both side by side (needs: pip install "lrpjax[peers]")',
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import lrpjax
 
+    if args.peer:  # lrpjax bench --peer zennit: see lrpjax.peers
+        from lrpjax import peers
+
+        return peers.cli(args)
+    args.batch_sizes = args.batch_sizes or "1,64,256,1024"
+    args.methods = args.methods or ",".join(DEFAULT_METHODS)
     inputs = None
     if args.zoo:
         model = zoo.make(args.zoo)
@@ -239,9 +346,18 @@ def run(args) -> int:
     with compilation.jax_defaults() if args.jax_defaults else contextlib.nullcontext():
         report = benchmark(model, sizes, methods, args.repeats, args.dtype, inputs=inputs)
         report["model"] = f"zoo:{args.zoo}" if args.zoo else "minivgg"
+        lrp = [m for m in methods if m.startswith("lrp:")]
+        if args.dtype != "float32" and lrp and not args.zoo:
+            from lrpjax import data
+
+            images, _ = data.sample()  # the shipped 100 images: fidelity against float32
+            report["fidelity"] = fidelity(model, images, lrp, args.dtype)
         if args.train:
             report["train"] = [train_throughput(bs, args.repeats) for bs in sizes if bs >= 8]
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(table(report))
+    if report.get("fidelity"):
+        print()
+        print(fidelity_table(report["fidelity"]))
     print(f"wrote {args.json}")
     return 0

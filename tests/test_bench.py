@@ -105,3 +105,60 @@ def test_bench_jax_defaults_switch(tmp_path):
     assert json.loads(ours.read_text())["compiler_options"] is not None  # CPU
     assert json.loads(plain.read_text())["compiler_options"] is None
     assert compilation.compiler_options() is not None  # the switch ends with the run
+
+
+def _tiny_model():
+    from flax import nnx
+
+    from lrpjax import models
+
+    model = models.MiniVGG(rngs=nnx.Rngs(0))
+    model.eval()
+    return model
+
+
+def test_fidelity_of_float32_against_itself_is_exact():
+    import numpy as np
+
+    from lrpjax import bench, data
+
+    images = data.sample()[0][:3]
+    (row,) = bench.fidelity(_tiny_model(), images, ["lrp:epsilon"], dtype="float32")
+    assert row["images"] == 3 and row["prediction_changes"] == 0
+    assert row["relative_l2_median"] == row["relative_l2_max"] == 0.0
+    assert np.isfinite(row["aopc_float32"]) and row["aopc_float32_se"] >= 0
+
+
+def test_fidelity_of_bfloat16_reports_its_error():
+    import numpy as np
+
+    from lrpjax import bench, data
+
+    images = data.sample()[0][:3]
+    methods = ["lrp:epsilon", "lrp:epsilon_plus_flat"]
+    rows = bench.fidelity(_tiny_model(), images, methods, dtype="bfloat16")
+    assert [r["method"] for r in rows] == methods
+    for r in rows:
+        # bfloat16 keeps 8 bits of mantissa: the maps differ, but not beyond recognition.
+        assert 0 < r["relative_l2_median"] <= r["relative_l2_max"] < 1
+        for key in ("aopc_float32", "aopc_float32_se", "aopc_bfloat16", "aopc_bfloat16_se"):
+            assert np.isfinite(r[key])
+    text = bench.fidelity_table(rows)
+    assert "| lrp:epsilon_plus_flat |" in text and "MoRF AOPC bfloat16" in text
+
+
+def test_bench_low_precision_reports_fidelity(tmp_path, capsys, monkeypatch):
+    from lrpjax import data
+
+    sample = data.sample
+    monkeypatch.setattr(data, "sample", lambda: tuple(a[:2] for a in sample()))
+    path = tmp_path / "b.json"
+    code = cli.main(
+        ["bench", "--batch-sizes", "2", "--repeats", "1", "--random-model", "--dtype",
+         "bfloat16", "--methods", "forward,lrp:epsilon", "--json", str(path)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    (row,) = json.loads(path.read_text())["fidelity"]
+    assert row["method"] == "lrp:epsilon" and row["dtype"] == "bfloat16" and row["images"] == 2
+    assert "MoRF AOPC bfloat16" in out
