@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import baselines, compilation, models, zoo
+from lrpjax import baselines, cli_common, compilation, models, zoo
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -296,8 +296,12 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", default=None, help="comma-separated (default: all)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--checkpoint", help="model weights (default: shipped model)")
-    p.add_argument("--random-model", action="store_true", help="random weights instead")
+    cli_common.add_model_arguments(p)
+    p.add_argument(
+        "--random-model",
+        action="store_true",
+        help="the --model architecture (a shipped one) with random weights: speed alone",
+    )
     p.add_argument(
         "--zoo",
         choices=sorted(zoo.ZOO),
@@ -320,8 +324,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import lrpjax
-
     if args.peer:  # lrpjax bench --peer zennit: see lrpjax.peers
         from lrpjax import peers
 
@@ -333,19 +335,25 @@ def run(args) -> int:
         model = zoo.make(args.zoo)
         inputs = partial(zoo.example_input, args.zoo)
     elif args.random_model:
-        model = models.MiniVGG(rngs=nnx.Rngs(0))
+        name = args.model or "minivgg"
+        if name not in models.SHIPPED:
+            raise cli_common.CLIError(
+                f"--random-model builds a shipped architecture ({', '.join(models.SHIPPED)}), "
+                f"not {name!r}"
+            )
+        model = models.SHIPPED[name].factory()
         model.eval()
-    elif args.checkpoint:
-        model = models.load(args.checkpoint)
     else:
-        model = lrpjax.load_pretrained()
+        model = cli_common.load_model(args).model
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         method_fn(model, m)  # unknown names fail before any timing
     with compilation.jax_defaults() if args.jax_defaults else contextlib.nullcontext():
         report = benchmark(model, sizes, methods, args.repeats, args.dtype, inputs=inputs)
-        report["model"] = f"zoo:{args.zoo}" if args.zoo else "minivgg"
+        report["model"] = f"zoo:{args.zoo}" if args.zoo else (args.model or "minivgg")
+        if args.random_model:
+            report["model"] += " (random weights)"
         lrp = [m for m in methods if m.startswith("lrp:")]
         if args.dtype != "float32" and lrp and not args.zoo:
             from lrpjax import data

@@ -1015,9 +1015,15 @@ def cli(args: Any) -> int:
         require_zennit()
     except PeerMissingError as e:
         raise CLIError(str(e)) from None
-    if args.zoo or args.dtype != "float32" or args.train or args.jax_defaults:
-        raise CLIError("--peer compares the miniVGG in float32: no --zoo, --dtype, --train "
-                       "or --jax-defaults")  # fmt: skip
+    if (
+        args.zoo
+        or args.dtype != "float32"
+        or args.train
+        or args.jax_defaults
+        or args.model not in (None, "minivgg")
+    ):
+        raise CLIError("--peer compares the miniVGG in float32: no --zoo, --model, --dtype, "
+                       "--train or --jax-defaults")  # fmt: skip
     model = models.load(args.checkpoint) if args.checkpoint else None
     if args.random_model:
         model = models.MiniVGG(rngs=nnx.Rngs(0))

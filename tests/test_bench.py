@@ -162,3 +162,25 @@ def test_bench_low_precision_reports_fidelity(tmp_path, capsys, monkeypatch):
     (row,) = json.loads(path.read_text())["fidelity"]
     assert row["method"] == "lrp:epsilon" and row["dtype"] == "bfloat16" and row["images"] == 2
     assert "MoRF AOPC bfloat16" in out
+
+
+def test_bench_model_vit_random_weights(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    methods = "forward,gradient,lrp:epsilon,lrp:cp_lrp"
+    code = cli.main(
+        ["bench", "--model", "vit", "--random-model", "--batch-sizes", "2", "--repeats", "1",
+         "--methods", methods, "--json", str(path)]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(path.read_text())
+    assert report["model"] == "vit (random weights)"
+    assert [r["method"] for r in report["results"]] == methods.split(",")
+
+
+def test_bench_model_errors(tmp_path, capsys):
+    args = ["bench", "--batch-sizes", "2", "--repeats", "1", "--json", str(tmp_path / "b.json")]
+    assert cli.main([*args, "--model", "nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert cli.main([*args, "--model", "pkg.mod:factory", "--random-model"]) == 2
+    assert "--random-model builds a shipped architecture" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()

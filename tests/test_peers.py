@@ -101,7 +101,7 @@ def test_benchmark_peer_report(peers, model):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--zoo", "vit"], ["--methods", "smoothgrad"], ["--batch-sizes", "8,16"]],
+    [["--zoo", "vit"], ["--model", "vit"], ["--methods", "smoothgrad"], ["--batch-sizes", "8,16"]],
 )
 def test_cli_peer_refuses_options(peers, tmp_path, capsys, extra):
     code = cli.main(["bench", "--peer", "zennit", "--json", str(tmp_path / "p.json"), *extra])
