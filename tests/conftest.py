@@ -102,3 +102,10 @@ def image_folder(tmp_path_factory) -> Path:
 def image_folder_expected() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per split: the uint8 images and int32 labels that `image_folder` holds, loader order."""
     return {split: expected_split(split) for split in SPLITS}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The notebooks (the longest tests, a minute or more each) first: pytest-xdist hands
+    the first tests out in turn, so they start on different workers instead of one of
+    them finishing the suite alone."""
+    items.sort(key=lambda item: item.path.name != "test_notebooks.py")  # stable sort
