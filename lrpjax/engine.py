@@ -405,26 +405,90 @@ def _rectified(jaxpr, gates: dict[int, str], plan: _Plan, rules: Mapping) -> set
                 uses.setdefault(v, []).append(eqn)
     outputs = {v for v in jaxpr.outvars if not isinstance(v, jax_core.Literal)}
     by_eqn = {id(jaxpr.eqns[i]): path for i, path in gates.items()}
-    found = set()
-    for i, path in gates.items():
+
+    def before_relu(i: int) -> bool:
         (y,) = jaxpr.eqns[i].outvars
         users = uses.get(y, [])
         if len(users) != 1 or y in outputs:
-            continue
+            return False
         (user,) = users
         relu_unit = by_eqn.get(id(user))
-        if relu_unit is not None:
-            ok = (
-                isinstance(plan.units[relu_unit], layer_types.RECTIFIERS)
-                and isinstance(rules[relu_unit], rules_lib.Gradient | rules_lib.Identity)
-                and user.invars[_operand_index(user)] is y
-                and user.invars.count(y) == 1
+        if relu_unit is None:
+            return _only_relu(user, y)
+        return (
+            isinstance(plan.units[relu_unit], layer_types.RECTIFIERS)
+            and isinstance(rules[relu_unit], rules_lib.Gradient | rules_lib.Identity)
+            and user.invars[_operand_index(user)] is y
+            and user.invars.count(y) == 1
+        )
+
+    return {path for i, path in gates.items() if before_relu(i)}
+
+
+#: Primitives whose output is >= 0 wherever their first operand is (the others are shapes
+#: or indices): rearrangements, and maxima over windows or axes.
+_SIGN_KEEPING_OPS = frozenset({
+    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
+    "dynamic_slice", "rev", "copy", "copy_p", "convert_element_type", "reduce_precision",
+    "reduce_max", "reduce_window_max",
+})  # fmt: skip
+
+
+def _nonnegative(jaxpr, known: set, gates: dict[int, str], plan: _Plan | None) -> set:
+    """Variables of `jaxpr` that are >= 0 by its structure, given `known` ones: outputs of
+    `layer_types.RECTIFIERS` units and of ``max`` with an operand >= 0 (`jax.nn.relu`),
+    and what `layer_types.SIGN_KEEPING` units, `_SIGN_KEEPING_OPS`, ``concatenate``,
+    ``pad`` (with a padding value >= 0) and calls (jit, custom_jvp) make of such values.
+    Anything else is not known to be (an allow-list)."""
+    found = set(known)
+
+    def nonneg(v) -> bool:
+        if isinstance(v, jax_core.Literal):
+            return bool(np.all(np.asarray(v.val) >= 0))
+        return v in found
+
+    for i, eqn in enumerate(jaxpr.eqns):
+        name, path = eqn.primitive.name, gates.get(i)
+        if path is not None:
+            unit = plan.units[path]
+            out = isinstance(unit, layer_types.RECTIFIERS) or (
+                isinstance(unit, layer_types.SIGN_KEEPING)
+                and nonneg(eqn.invars[_operand_index(eqn)])
             )
+        elif name == "max":
+            out = any(nonneg(v) for v in eqn.invars)
+        elif name in _SIGN_KEEPING_OPS:
+            out = bool(eqn.invars) and nonneg(eqn.invars[0])
+        elif name in ("concatenate", "pad"):
+            out = all(nonneg(v) for v in eqn.invars)
+        elif name in glue.CALL_PARAMS:
+            inner = eqn.params[glue.CALL_PARAMS[name]]
+            inner = getattr(inner, "jaxpr", inner)
+            if len(inner.invars) == len(eqn.invars):
+                given = {w for w, v in zip(inner.invars, eqn.invars, strict=True) if nonneg(v)}
+                inside = _nonnegative(inner, given, {}, None)
+                found.update(
+                    v
+                    for v, w in zip(eqn.outvars, inner.outvars, strict=True)
+                    if w in inside or (isinstance(w, jax_core.Literal) and np.all(w.val >= 0))
+                )
+            continue
         else:
-            ok = _only_relu(user, y)
-        if ok:
-            found.add(path)
+            out = False
+        if out:
+            found.update(eqn.outvars)
     return found
+
+
+def _nonnegative_inputs(jaxpr, gates: dict[int, str], plan: _Plan) -> set[str]:
+    """Units whose input is >= 0 by the model's structure (see `_nonnegative`)."""
+    found = _nonnegative(jaxpr, set(), gates, plan)
+
+    return {
+        path
+        for i, path in gates.items()
+        if jaxpr.eqns[i].invars[_operand_index(jaxpr.eqns[i])] in found
+    }
 
 
 def _only_relu(eqn, v) -> bool:
@@ -538,8 +602,11 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
             return model(x)
 
         closed = jax.make_jaxpr(forward)(x, zeros)
-        for path in _rectified(closed.jaxpr, _gates(closed.jaxpr, zeros), plan, tape.rules):
+        gates = _gates(closed.jaxpr, zeros)
+        for path in _rectified(closed.jaxpr, gates, plan, tape.rules):
             tape.rules[path] = tape.rules[path].for_rectified_output()
+        for path in _nonnegative_inputs(closed.jaxpr, gates, plan):
+            tape.rules[path] = tape.rules[path].for_nonnegative_input()
         float_input = jnp.issubdtype(x.dtype, jnp.floating)
 
         def interpreted(x, probes):

@@ -39,6 +39,7 @@ __all__ = [
     "PASS_THROUGH",
     "RECTIFIERS",
     "RESHAPING",
+    "SIGN_KEEPING",
     "Affine",
     "Bound",
     "LayerError",
@@ -69,6 +70,9 @@ PASS_THROUGH: tuple[type, ...] = (ReLU, Flatten, MaxPool, nnx.Dropout)
 #: Layers that pass only the positive part of their input: relevance below them is zero
 #: wherever their input is <= 0 (`rules.Rule.for_rectified_output`).
 RECTIFIERS: tuple[type, ...] = (ReLU,)
+#: Layers whose output is >= 0 wherever their input is (a layer after a ReLU and one of
+#: these still sees non-negative inputs: `rules.Rule.for_nonnegative_input`).
+SIGN_KEEPING: tuple[type, ...] = (Flatten, MaxPool, nnx.Dropout)
 #: Layers whose output is their input rearranged: a layer after one still sees the input.
 RESHAPING: tuple[type, ...] = (Flatten, nnx.Dropout)
 #: Token embeddings: integer inputs, relevance per token.

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import lrpjax
 from lrpjax import rules
 from lrpjax.composites import FIRST
-from lrpjax.layers import MaxPool, ReLU
+from lrpjax.layers import Flatten, MaxPool, ReLU
 from lrpjax.models import MiniVGG
 
 # --- models ----------------------------------------------------------------------------
@@ -891,3 +891,83 @@ def test_zplus_before_a_relu_equals_the_stacked_form(dtype):
     error = np.abs(fast - stacked).max(axis=(1, 2, 3)) / np.abs(stacked).max(axis=(1, 2, 3))
     assert error.max() <= (1e-12 if dtype == "float64" else 1e-5)
     assert np.abs(stacked).max() > 0
+
+
+class _NonNegativeInputs(nnx.Module):
+    """Layers whose inputs are >= 0 by the model's structure, and ones whose are not: after
+    a `ReLU` layer and max-pooling, after ``nnx.relu`` and zero padding, after a ReLU and
+    a `Flatten`; not after a sum with a signed value, a scaling, or at the signed input; a
+    layer called once on each kind counts as not."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        def conv(cin: int, cout: int) -> nnx.Conv:
+            return nnx.Conv(cin, cout, (3, 3), rngs=rngs)
+
+        self.first, self.relu, self.pool = conv(2, 3), ReLU(), MaxPool((2, 2))
+        self.after_pool, self.after_padding = conv(3, 3), conv(3, 3)
+        self.after_sum, self.after_scaling = conv(3, 3), conv(3, 3)
+        self.flatten, self.dense = Flatten(), nnx.Linear(3 * 2 * 2, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.pool(self.relu(self.first(x)))  # (N, 4, 4, 3) from (N, 8, 8, 2)
+        h = self.after_pool(h)
+        h = self.after_padding(jnp.pad(nnx.relu(h), ((0, 0), (1, 1), (1, 1), (0, 0))))
+        h = self.after_sum(nnx.relu(h) + h)
+        h = self.after_scaling(-0.5 * nnx.relu(h))
+        h = h[:, 1:5:2, 1:5:2]
+        return self.dense(self.flatten(nnx.relu(h)))
+
+
+def _spy(engine, name: str):
+    found = []
+    original = getattr(engine, name)
+
+    def spy(*args):
+        found.append(original(*args))
+        return found[-1]
+
+    return found, original, spy
+
+
+def test_layers_with_nonnegative_inputs_are_found():
+    from lrpjax import engine
+
+    model = _NonNegativeInputs(nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 2)), jnp.float32)
+    found, original, spy = _spy(engine, "_nonnegative_inputs")
+    engine._nonnegative_inputs = spy
+    try:
+        lrpjax.explain(model, x, composite="epsilon")
+    finally:
+        engine._nonnegative_inputs = original
+    # The pool and the flatten (sign-keeping units) see non-negative inputs too.
+    assert found == [{"after_pool", "after_padding", "pool", "flatten", "dense"}]
+
+
+@pytest.mark.parametrize("preset", ["epsilon_plus_flat", "epsilon_alpha2_beta1"])
+def test_nonnegative_input_forms_equal_the_general_ones_in_float64(preset):
+    """The two-product alpha-beta and one-product z+ on layers after a ReLU give the
+    four-product forms' relevance (float64: to rounding), on a ReLU CNN without
+    batch-norm (conv-ReLU-pool, as VGG)."""
+    from lrpjax import engine
+
+    model = _NonNegativeInputs(nnx.Rngs(1))
+    jax.config.update("jax_enable_x64", True)
+    try:
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda a: a.astype(jnp.float64), state)
+        model = nnx.merge(graphdef, state)
+        x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 8, 8, 2)))
+        fast = np.asarray(lrpjax.explain(model, x, composite=preset))
+        original = engine._nonnegative_inputs
+        engine._nonnegative_inputs = lambda *args: set()
+        _clear_compiled(engine)
+        try:
+            general = np.asarray(lrpjax.explain(model, x, composite=preset))
+        finally:
+            engine._nonnegative_inputs = original
+            _clear_compiled(engine)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert np.abs(general).max() > 0
+    np.testing.assert_allclose(fast, general, rtol=1e-10, atol=1e-12 * np.abs(general).max())

@@ -645,3 +645,53 @@ def test_only_zplus_has_a_form_for_rectified_outputs():
     assert rules.zplus().for_rectified_output() != rules.zplus()
     with pytest.raises(ValueError, match="z\\+"):
         rules.AlphaBeta(2.0, 1.0, 1e-6, rectified=True)
+
+
+GROUPED = (
+    lambda: _set(
+        nnx.Conv(4, 4, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0)),
+        np.random.default_rng(21),
+    ),
+    (2, 4, 4, 4),
+)
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (2.0, 1.0)])
+@pytest.mark.parametrize("layer_id", ["dense", "conv_rgb", "conv_strided", "grouped"])
+def test_alpha_beta_for_nonnegative_inputs_matches_loop_reference(layer_id, alpha, beta):
+    """With a >= 0, alpha-beta's two-product form (one for z+) is the per-neuron rule."""
+    make, shape = GROUPED if layer_id == "grouped" else PER_UNIT_LAYERS[layer_id]
+    layer = make()
+    rng = np.random.default_rng(8)
+    a_np = np.maximum(_inputs(rng, shape), 0.0)  # about a third of the entries are zero
+    a = jnp.asarray(a_np)
+    y = layer(a)
+    c = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+    rule = rules.alpha_beta(alpha, beta).for_nonnegative_input()
+    assert rule.nonnegative_input
+    for exact in (rule, rule.for_rectified_output()):  # the non-negative form wins
+        _, R_in = exact.backward(layer, a, y, c)
+        assert_close(R_in, rules.alpha_beta(alpha, beta)(layer, a, y * c), rtol=2e-5)
+    kernel, bias = params_of(layer)
+    if layer_id == "dense":
+        conns, bias_full = dense_connections(kernel), bias
+    else:
+        if layer_id == "grouped":  # block-diagonal full kernel, as in the grouped test above
+            full = np.zeros((3, 3, 4, 4))
+            full[:, :, :2, :2], full[:, :, 2:, 2:] = kernel[:, :, :, :2], kernel[:, :, :, 2:]
+            kernel = full
+        stride = 2 if layer_id == "conv_strided" else 1
+        padding = "VALID" if layer_id == "conv_strided" else "SAME"
+        conns, out_shape = conv_connections(kernel, shape[1:3], (stride, stride), padding)
+        conns = [k for k in conns if k[2] != 0.0]
+        bias_full = np.broadcast_to(bias, out_shape).ravel()
+    ref = batch_reference(
+        "alpha_beta", a_np, np.asarray(y * c), conns, bias_full, alpha=alpha, beta=beta, eps=1e-6
+    )
+    assert_close(R_in, ref, rtol=2e-5)
+
+
+def test_only_alpha_beta_has_a_form_for_nonnegative_inputs():
+    assert rules.epsilon().for_nonnegative_input() == rules.epsilon()
+    assert rules.gamma().for_nonnegative_input() == rules.gamma()
+    assert rules.alpha_beta(2, 1).for_nonnegative_input().nonnegative_input
