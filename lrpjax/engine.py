@@ -483,7 +483,6 @@ def _nonnegative(jaxpr, known: set, gates: dict[int, str], plan: _Plan | None) -
 def _nonnegative_inputs(jaxpr, gates: dict[int, str], plan: _Plan) -> set[str]:
     """Units whose input is >= 0 by the model's structure (see `_nonnegative`)."""
     found = _nonnegative(jaxpr, set(), gates, plan)
-
     return {
         path
         for i, path in gates.items()
