@@ -483,3 +483,33 @@ def test_cli_trains_the_vit(image_folder, tmp_path):
     model = models.load(out / "model.npz")
     assert isinstance(model, models.CCT) and model.hyperparameters["depth"] == 1
     assert model(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 10)
+
+
+def _script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ship_weights_ships_a_vit_run_under_its_name(vit_straight, tmp_path):
+    out, model, _ = vit_straight
+    ship = _script("ship_weights").ship
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    header = ship(out, [], "vit", assets)
+    assert header["architecture"] == "CCT"
+    assert sorted(p.name for p in assets.iterdir()) == [
+        "vit_cifar10.npz",
+        "vit_cifar10_metrics.json",
+    ]
+    loaded = models.load(assets / "vit_cifar10.npz")
+    assert loaded.hyperparameters == model.hyperparameters
+    metrics = json.loads((assets / "vit_cifar10_metrics.json").read_text())
+    assert metrics["config"]["model"] == TINY_VIT and metrics["earlier_runs"] == []
+    with pytest.raises(SystemExit, match="not a 'MiniVGG'"):
+        ship(out, [], "minivgg", tmp_path)  # a CCT is not shipped as the miniVGG
+    assert not (tmp_path / "minivgg_cifar10.npz").exists()
