@@ -44,7 +44,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--model",
-        help="a shipped model (" + ", ".join(SHIPPED) + "; the default), or "
+        help="a shipped model (" + ", ".join(SHIPPED) + "; default: minivgg), or "
         "package.module:factory, a function that builds your own Flax NNX model (its weights "
         "from lrpjax.models.save in --checkpoint)",
     )
