@@ -434,6 +434,13 @@ _SIGN_KEEPING_OPS = frozenset({
 })  # fmt: skip
 
 
+def _known_nonnegative(v, found: set) -> bool:
+    """A literal >= 0, or a variable in `found`."""
+    if isinstance(v, jax_core.Literal):
+        return bool(np.all(np.asarray(v.val) >= 0))
+    return v in found
+
+
 def _nonnegative(jaxpr, known: set, gates: dict[int, str], plan: _Plan | None) -> set:
     """Variables of `jaxpr` that are >= 0 by its structure, given `known` ones: outputs of
     `layer_types.RECTIFIERS` units and of ``max`` with an operand >= 0 (`jax.nn.relu`),
@@ -443,9 +450,7 @@ def _nonnegative(jaxpr, known: set, gates: dict[int, str], plan: _Plan | None) -
     found = set(known)
 
     def nonneg(v) -> bool:
-        if isinstance(v, jax_core.Literal):
-            return bool(np.all(np.asarray(v.val) >= 0))
-        return v in found
+        return _known_nonnegative(v, found)
 
     for i, eqn in enumerate(jaxpr.eqns):
         name, path = eqn.primitive.name, gates.get(i)
@@ -470,7 +475,7 @@ def _nonnegative(jaxpr, known: set, gates: dict[int, str], plan: _Plan | None) -
                 found.update(
                     v
                     for v, w in zip(eqn.outvars, inner.outvars, strict=True)
-                    if w in inside or (isinstance(w, jax_core.Literal) and np.all(w.val >= 0))
+                    if _known_nonnegative(w, inside)
                 )
             continue
         else:

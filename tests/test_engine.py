@@ -835,36 +835,56 @@ class _Rectified(nnx.Module):
         return self.last(x.mean(axis=(1, 2)))
 
 
-def test_layers_before_a_relu_are_found():
+def _clear_compiled(engine) -> None:
+    engine._explain_fn.cache_clear()
+    engine._jitted.cache_clear()
+
+
+def _found_by(analysis: str, model, x) -> list[set[str]]:
+    """What one of the engine's structure analyses returns while explaining x."""
     from lrpjax import engine
 
-    model = _Rectified(nnx.Rngs(0))
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 2)), jnp.float32)
     found = []
-    original = engine._rectified
+    original = getattr(engine, analysis)
 
     def spy(*args):
         found.append(original(*args))
         return found[-1]
 
-    engine._rectified = spy
+    setattr(engine, analysis, spy)
     try:
         lrpjax.explain(model, x, composite="epsilon")
     finally:
-        engine._rectified = original
+        setattr(engine, analysis, original)
+    return found
+
+
+def _explained_without(analysis: str, model, x, composite) -> np.ndarray:
+    """The explanation with one of the engine's structure analyses (``_rectified``,
+    ``_nonnegative_inputs``) finding nothing: the general forms of the rules."""
+    from lrpjax import engine
+
+    original = getattr(engine, analysis)
+    setattr(engine, analysis, lambda *args: set())
+    _clear_compiled(engine)
+    try:
+        return np.asarray(lrpjax.explain(model, x, composite=composite))
+    finally:
+        setattr(engine, analysis, original)
+        _clear_compiled(engine)
+
+
+def test_layers_before_a_relu_are_found():
+    model = _Rectified(nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 2)), jnp.float32)
+    found = _found_by("_rectified", model, x)
     assert found == [{"layer_relu", "function_relu"}]
-
-
-def _clear_compiled(engine) -> None:
-    engine._explain_fn.cache_clear()
-    engine._jitted.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_zplus_before_a_relu_equals_the_stacked_form(dtype):
     """z+ from the layer's output (three products) is the exact stacked z+ (four) wherever
     relevance flows: the miniVGG's convolutions and dense layer all feed a ReLU."""
-    from lrpjax import engine
 
     model = random_minivgg(seed=3)
     x = images(3, seed=5).astype(dtype)
@@ -878,14 +898,7 @@ def test_zplus_before_a_relu_equals_the_stacked_form(dtype):
         model = nnx.merge(graphdef, state)
         mapping = {nnx.Linear: rules.zplus(), nnx.Conv: rules.zplus(), nnx.BatchNorm: rules.z()}
         fast = np.asarray(lrpjax.explain(model, x, composite=mapping))
-        original = engine._rectified
-        engine._rectified = lambda *args: set()
-        _clear_compiled(engine)
-        try:
-            stacked = np.asarray(lrpjax.explain(model, x, composite=mapping))
-        finally:
-            engine._rectified = original
-            _clear_compiled(engine)
+        stacked = _explained_without("_rectified", model, x, mapping)
     finally:
         jax.config.update("jax_enable_x64", False)
     error = np.abs(fast - stacked).max(axis=(1, 2, 3)) / np.abs(stacked).max(axis=(1, 2, 3))
@@ -918,28 +931,10 @@ class _NonNegativeInputs(nnx.Module):
         return self.dense(self.flatten(nnx.relu(h)))
 
 
-def _spy(engine, name: str):
-    found = []
-    original = getattr(engine, name)
-
-    def spy(*args):
-        found.append(original(*args))
-        return found[-1]
-
-    return found, original, spy
-
-
 def test_layers_with_nonnegative_inputs_are_found():
-    from lrpjax import engine
-
     model = _NonNegativeInputs(nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 2)), jnp.float32)
-    found, original, spy = _spy(engine, "_nonnegative_inputs")
-    engine._nonnegative_inputs = spy
-    try:
-        lrpjax.explain(model, x, composite="epsilon")
-    finally:
-        engine._nonnegative_inputs = original
+    found = _found_by("_nonnegative_inputs", model, x)
     # The pool and the flatten (sign-keeping units) see non-negative inputs too.
     assert found == [{"after_pool", "after_padding", "pool", "flatten", "dense"}]
 
@@ -949,7 +944,6 @@ def test_nonnegative_input_forms_equal_the_general_ones_in_float64(preset):
     """The two-product alpha-beta and one-product z+ on layers after a ReLU give the
     four-product forms' relevance (float64: to rounding), on a ReLU CNN without
     batch-norm (conv-ReLU-pool, as VGG)."""
-    from lrpjax import engine
 
     model = _NonNegativeInputs(nnx.Rngs(1))
     jax.config.update("jax_enable_x64", True)
@@ -959,14 +953,7 @@ def test_nonnegative_input_forms_equal_the_general_ones_in_float64(preset):
         model = nnx.merge(graphdef, state)
         x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 8, 8, 2)))
         fast = np.asarray(lrpjax.explain(model, x, composite=preset))
-        original = engine._nonnegative_inputs
-        engine._nonnegative_inputs = lambda *args: set()
-        _clear_compiled(engine)
-        try:
-            general = np.asarray(lrpjax.explain(model, x, composite=preset))
-        finally:
-            engine._nonnegative_inputs = original
-            _clear_compiled(engine)
+        general = _explained_without("_nonnegative_inputs", model, x, preset)
     finally:
         jax.config.update("jax_enable_x64", False)
     assert np.abs(general).max() > 0
