@@ -2,7 +2,18 @@
 
 from flax import nnx
 
-from lrpjax import baselines, compilation, composites, data, layers, metrics, models, rules, viz
+from lrpjax import (
+    baselines,
+    compilation,
+    composites,
+    data,
+    layers,
+    linen,
+    metrics,
+    models,
+    rules,
+    viz,
+)
 from lrpjax.compilation import jit
 from lrpjax.engine import INITS, Explanation, LayerError, explain, explainer, output_relevance
 
@@ -38,6 +49,7 @@ __all__ = [
     "explainer",
     "jit",
     "layers",
+    "linen",
     "load_pretrained",
     "metrics",
     "models",

@@ -294,8 +294,13 @@ def add_parser(sub) -> None:
         "--batch-sizes", default=None, help="comma-separated (default 1,64,256,1024; --peer: 256)"
     )
     p.add_argument("--methods", default=None, help="comma-separated (default: all)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype of the weights and inputs timed",
+    )
     cli_common.add_model_arguments(p)
     p.add_argument(
         "--random-model",

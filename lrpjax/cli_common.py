@@ -16,8 +16,10 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
+    "ArgumentParser",
     "CLIError",
     "Data",
+    "DefaultsHelpFormatter",
     "Fitted",
     "LoadedModel",
     "add_data_arguments",
@@ -36,6 +38,25 @@ __all__ = [
 
 class CLIError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default: appended as ``(default: ...)`` unless the
+    help text already says it (options whose default is ``None`` say it in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` with `DefaultsHelpFormatter`; its subcommands' parsers
+    (``add_subparsers().add_parser``) are of this class too."""
+
+    def __init__(self, *args, formatter_class=DefaultsHelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,10 +79,23 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_data_arguments(p: argparse.ArgumentParser, verb: str = "explain") -> None:
     """``--dataset`` or ``--data-dir``, ``--split`` and ``--limit``."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--dataset", choices=["cifar10"], help="a tensorflow-datasets dataset")
-    src.add_argument("--data-dir", help="image folder (split/class/image) or a .tar.gz of one")
-    p.add_argument("--split", default="test", help=f"split to {verb} (default: test)")
-    p.add_argument("--limit", type=int, help=f"{verb} only the first N images")
+    src.add_argument(
+        "--dataset",
+        choices=["cifar10"],
+        help="a tensorflow-datasets dataset (default: the shipped 100-image sample)",
+    )
+    src.add_argument(
+        "--data-dir",
+        help="an image folder, its layout told from its contents: split/class/image "
+        "(choose the split with --split), class/image (no --split), or images alone "
+        "(unlabelled: no accuracy, --target pred); or a .tar.gz of one",
+    )
+    p.add_argument(
+        "--split",
+        help=f"split to {verb}, of --dataset or of a --data-dir with split folders "
+        "(default: test; a folder without split folders takes no --split)",
+    )
+    p.add_argument("--limit", type=int, help=f"{verb} only the first N images (default: all)")
 
 
 def check_rules(composite: str, init: str) -> None:
@@ -212,10 +246,17 @@ class Data(NamedTuple):
     classes: list[str]  # labels index into these
     source: str  # for messages and resume keys
     stamp: str = ""  # changes when the files change (resume keys); "" for fixed data
+    #: Each row's input: its file relative to --data-dir (an archive's member name), or
+    #: ``<source>:<index>`` for data without files (``shipped-sample:0``, ``cifar10:test:0``).
+    files: tuple[str, ...] = ()
 
 
 def load_data(args: argparse.Namespace) -> Data:
     """The images the data options name (default: the shipped sample).
+
+    A ``--data-dir`` in any layout of `lrpjax.data.read_folder`: a flat folder's labels
+    are -1 (unknown), and its source is the folder alone (a folder of splits:
+    ``FOLDER:split``).
 
     Args:
       args: with ``dataset``, ``data_dir``, ``split``, ``limit``, ``no_progress``.
@@ -228,20 +269,29 @@ def load_data(args: argparse.Namespace) -> Data:
 
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be positive, got {args.limit}")
-    if args.dataset or args.data_dir:
-        source = args.dataset or args.data_dir
+    files = None
+    if args.data_dir:
+        folder = data.read_folder(args.data_dir, args.split, progress=not args.no_progress)
+        images, labels, classes, files = folder.images, folder.labels, folder.classes, folder.files
+        name = f"{args.data_dir}:{folder.split}" if folder.split else str(args.data_dir)
+        stamp = folder.stamp
+    elif args.dataset:
+        split = args.split or "test"
         images, labels, classes = data.load_with_classes(
-            source, args.split, progress=not args.no_progress
+            args.dataset, split, progress=not args.no_progress
         )
-        name = f"{source}:{args.split}"
-        stamp = data.stamp(source, args.split) if args.data_dir else ""
+        name, stamp = f"{args.dataset}:{split}", ""
     else:
+        if args.split is not None:
+            raise CLIError("--split needs --data-dir or --dataset (the shipped sample has none)")
         images, labels = data.sample()
         classes = list(data.CIFAR10_CLASSES)
         name, stamp = "shipped-sample", ""
+    if files is None:
+        files = [f"{name}:{i}" for i in range(len(images))]
     if args.limit is not None:
-        images, labels = images[: args.limit], labels[: args.limit]
-    return Data(images, labels, list(classes), name, stamp)
+        images, labels, files = images[: args.limit], labels[: args.limit], files[: args.limit]
+    return Data(images, labels, list(classes), name, stamp, tuple(files))
 
 
 class Fitted(NamedTuple):
@@ -252,6 +302,7 @@ class Fitted(NamedTuple):
     class_names: tuple[str, ...]
     source: str
     stamp: str = ""
+    files: tuple[str, ...] = ()  # each row's input, as `Data.files`
 
     @property
     def num_classes(self) -> int:
@@ -282,7 +333,12 @@ def fit_data(loaded: LoadedModel, data_: Data) -> Fitted:
     shape = loaded.input_shape or (
         models.INPUT_SHAPE if isinstance(loaded.model, models.MiniVGG) else None
     )
-    models.check_images(data_.images, shape)
+    try:
+        models.check_images(data_.images, shape)
+    except ValueError as e:
+        resize = shape is not None and data_.images.shape[1:] != tuple(shape)
+        hint = "; lrpjax does not resize images: give images of the model's size" if resize else ""
+        raise ValueError(f"{data_.source}: {e}{hint}") from None
     num_classes = models.output_size(loaded.model, data_.images.shape[1:])
     class_names = models.class_names_of(loaded.header, num_classes)
     labels = data_.labels
@@ -306,7 +362,7 @@ def fit_data(loaded: LoadedModel, data_: Data) -> Fitted:
                 class_names = tuple(data_.classes)
         else:
             labels = data.match_classes(labels, data_.classes, class_names, data_.source)
-    return Fitted(data_.images, labels, class_names, data_.source, data_.stamp)
+    return Fitted(data_.images, labels, class_names, data_.source, data_.stamp, data_.files)
 
 
 def parse_target(value: str, num_classes: int) -> str | int:

@@ -35,6 +35,7 @@ References:
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from collections.abc import Callable, Mapping
 from functools import lru_cache, partial
@@ -48,6 +49,7 @@ from jax.extend import core as jax_core
 
 from lrpjax import compilation, glue, layer_types
 from lrpjax import composites as composites_lib
+from lrpjax import linen as linen_lib
 from lrpjax import rules as rules_lib
 from lrpjax.layer_types import LayerError
 
@@ -530,6 +532,7 @@ def layer_calls(
     model: nnx.Module, x, composite: str | composites_lib.Composite | Mapping = "epsilon"
 ) -> list[tuple[str, nnx.Module]]:
     """The units of `model` as (path, layer) in the order a call on x (N, ...) runs them."""
+    model = linen_lib.convert(model, x)  # bridged Linen modules as NNX layers
     graphdef, state = nnx.split(model)
     plan = _record(graphdef, state, composites_lib.get(composite), x)
     return [(path, plan.units[path]) for path in plan.calls]
@@ -554,13 +557,19 @@ def _resolve_rules(plan: _Plan, composite: composites_lib.Composite) -> dict[str
                 f"{composite.name}: map its type or path to a rule from lrpjax.rules"
             )
         resolved[path] = rule
+    for key in composite.path_keys():
+        if not any(fnmatch.fnmatchcase(path, key) for path in plan.units):
+            raise LayerError(
+                f"composite {composite.name} maps {key!r}, which matches no layer of the model;"
+                f" its layer paths are {list(plan.calls)}"
+            )
     return resolved
 
 
 def explainer(
     model: nnx.Module,
     *,
-    composite: str | composites_lib.Composite | Mapping = "epsilon",
+    composite: str | composites_lib.Composite | Mapping = composites_lib.DEFAULT,
     init: str | Callable = "logit",
     layerwise: bool = False,
 ) -> tuple[Callable, nnx.State]:
@@ -582,6 +591,7 @@ def explainer(
       (N, 1, 1, C) for channels), multiplies the relevance at the layer's output, so that
       only the chosen neurons' relevance is propagated to the input.
     """
+    linen_lib.check_converted(model)  # no input here to convert bridged Linen modules with
     graphdef, state = nnx.split(model)
     return _explain_fn(graphdef, composites_lib.get(composite), init, layerwise), state
 
@@ -605,7 +615,7 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
             tape.probes = probes
             return model(x)
 
-        closed = jax.make_jaxpr(forward)(x, zeros)
+        closed, _ = glue.strip_output_softmax(jax.make_jaxpr(forward)(x, zeros))
         gates = _gates(closed.jaxpr, zeros)
         for path in _rectified(closed.jaxpr, gates, plan, tape.rules):
             tape.rules[path] = tape.rules[path].for_rectified_output()
@@ -682,7 +692,23 @@ def _check_input(graphdef, state, composite, x) -> tuple[int, _Plan]:
         _STRUCTURES[key] = _structure(graphdef, state, composite, x)
         while len(_STRUCTURES) > 64:
             _STRUCTURES.pop(next(iter(_STRUCTURES)))
-    num_classes, plan, rules = _STRUCTURES[key]
+    num_classes, plan, rules, normaliser = _STRUCTURES[key]
+    if normaliser is not None:
+        warnings.warn(
+            f"the model ends in a {normaliser}: lrpjax explains the logits below it (relevance "
+            "through a softmax does not sum to a score); init='probability' puts the "
+            "probability on them",
+            stacklevel=3,
+        )
+    if x.ndim == 4 and jnp.issubdtype(x.dtype, jnp.floating):
+        lo, hi = float(jnp.min(x)), float(jnp.max(x))
+        if max(-lo, hi) > FAR_OUTSIDE:
+            warnings.warn(
+                f"x has values in [{lo:.3g}, {hi:.3g}], far outside [0, 1]: raw pixels as "
+                "floats? Scale them as the model was trained (lrpjax's models and "
+                "lrpjax.data use x / 255); rules with input bounds (z^B) assume [0, 1]",
+                stacklevel=3,
+            )
     for path in plan.takes_input:
         rule = rules[path]
         if isinstance(rule, rules_lib.ZBox):
@@ -699,17 +725,47 @@ def _check_input(graphdef, state, composite, x) -> tuple[int, _Plan]:
     return num_classes, plan
 
 
-#: (graphdef, composite, input shape, dtype) -> (classes, plan, rules): value-independent.
-_STRUCTURES: dict[tuple, tuple[int, _Plan, dict[str, rules_lib.Rule]]] = {}
+#: Image batches with values beyond +-FAR_OUTSIDE get a warning (0..255 pixels as floats).
+FAR_OUTSIDE = 10.0
+
+#: (graphdef, composite, input shape, dtype) -> (classes, plan, rules, output softmax):
+#: value-independent.
+_STRUCTURES: dict[tuple, tuple[int, _Plan, dict[str, rules_lib.Rule], str | None]] = {}
 
 
-def _structure(graphdef, state, composite, x) -> tuple[int, _Plan, dict[str, rules_lib.Rule]]:
-    """The model's output classes, plan and rules on inputs like x, or a clear error."""
+def _input_hint(graphdef, state, x) -> str:
+    """What the model's first convolution takes, where x's rank does not fit it."""
+    model = nnx.merge(graphdef, state, copy=True)
+    convs = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)]
+    if not convs:
+        return ""
+    conv = convs[0]
+    spatial, channels = len(conv.kernel_size), conv.in_features
+    if x.ndim >= spatial + 1:  # the right rank, or one example without its batch axis
+        return ""
+    wanted = f"(N, {', '.join('HWD'[:spatial])}, {channels})"
+    hint = f"; its first convolution takes {wanted} inputs"
+    features = int(np.prod(x.shape[1:]))
+    side = round((features / channels) ** (1 / spatial)) if features % channels == 0 else 0
+    if side > 0 and side**spatial * channels == features:
+        shape = ", ".join([str(x.shape[0]), *[str(side)] * spatial, str(channels)])
+        hint += f": x.reshape({shape}) if x holds channels-last images"
+    return hint
+
+
+def _structure(
+    graphdef, state, composite, x
+) -> tuple[int, _Plan, dict[str, rules_lib.Rule], str | None]:
+    """The model's output classes, plan, rules and trailing softmax (None, ``"softmax"``
+    or ``"log_softmax"``) on inputs like x, or a clear error."""
     try:
         out = jax.eval_shape(partial(_logits, graphdef), state, x)
     except LayerError:
         raise
     except Exception as error:
+        hint = _input_hint(graphdef, state, x)
+        if hint:
+            raise ValueError(f"the model cannot take x of shape {x.shape}{hint}") from error
         try:
             jax.eval_shape(partial(_logits, graphdef), state, x[None])
         except Exception:
@@ -730,14 +786,15 @@ def _structure(graphdef, state, composite, x) -> tuple[int, _Plan, dict[str, rul
                     f"({type(plan.units[path]).__name__}), not a token embedding; "
                     "convert it to float"
                 )
-    return out.shape[-1], plan, _resolve_rules(plan, composite)
+    _, normaliser = glue.strip_output_softmax(jax.make_jaxpr(partial(_logits, graphdef))(state, x))
+    return out.shape[-1], plan, _resolve_rules(plan, composite), normaliser
 
 
 def explain(
     model: nnx.Module,
     x: jax.Array | np.ndarray,
     *,
-    composite: str | composites_lib.Composite | Mapping = "epsilon",
+    composite: str | composites_lib.Composite | Mapping = composites_lib.DEFAULT,
     target: int | jax.Array | np.ndarray | None = None,
     init: str | Callable = "logit",
     layerwise: bool = False,
@@ -751,8 +808,11 @@ def explain(
         eval mode.
       x: (N, ...) batch of inputs: finite floats, or integer token ids for a model whose
         input layer is an `nnx.Embed`.
-      composite: a preset name (``"epsilon"``, ``"epsilon_plus_flat"``, ...), a
-        `lrpjax.composites.Composite`, or a dict of layer type / path / position -> rule.
+      composite: a preset name (default `lrpjax.composites.DEFAULT`,
+        ``"epsilon_gamma_box"``: z^B on the input layer, gamma on convolutions, epsilon on
+        dense layers; ``"epsilon"`` for LRP-epsilon everywhere, ``"zero"`` for LRP-0), a
+        `lrpjax.composites.Composite`, or a dict of layer type / group / path / position ->
+        rule. A path key that matches no layer is an error.
       target: None (the predicted class), an int, an (N,) int array, or an (N, K) int
         array for K explanations per image from one forward pass.
       init: output relevance: ``"logit"``, ``"probability"``, ``"one"``, ``"sglrp"``,
@@ -777,6 +837,7 @@ def explain(
     if not callable(init) and init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)} or a callable")
     composite = composites_lib.get(composite)
+    model = linen_lib.convert(model, x)  # bridged Linen modules (ToNNX) as NNX layers
     graphdef, state = nnx.split(model)
     num_classes, plan = _check_input(graphdef, state, composite, x)
     user_target = target is not None

@@ -395,14 +395,33 @@ def add_parser(sub) -> None:
     add_model_arguments(p)
     p.add_argument("--region", type=int, default=4, help="region side in pixels (default 4)")
     p.add_argument("--steps", type=int, default=16, help="regions removed (default 16)")
-    p.add_argument("--replacement", default="blur", choices=metrics.REPLACEMENTS)
-    p.add_argument("--score", default="logit", choices=metrics.SCORES)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--sanity-images", type=int, default=16, help="0 skips the sanity check")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--replacement",
+        default="blur",
+        choices=metrics.REPLACEMENTS,
+        help="what a removed region is filled with",
+    )
+    p.add_argument(
+        "--score", default="logit", choices=metrics.SCORES, help="the target's score tracked"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per model pass")
+    p.add_argument(
+        "--sanity-images",
+        type=int,
+        default=16,
+        help="images (the first ones) for the model-randomization check; 0 skips it",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="rank correlation above which an explainer is flagged insensitive",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of random maps, noise and re-initialisation"
+    )
     p.add_argument("--out", default="eval-out", help="output folder (default: ./eval-out)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 

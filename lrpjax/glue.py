@@ -46,7 +46,15 @@ from jax.extend import core as jax_core
 from lrpjax.layer_types import LayerError
 from lrpjax.rules import HoldConstant, Rule
 
-__all__ = ["GATE_NAME", "LINEAR", "NONLINEAR", "evaluate", "is_gate", "relevance_gate"]
+__all__ = [
+    "GATE_NAME",
+    "LINEAR",
+    "NONLINEAR",
+    "evaluate",
+    "is_gate",
+    "relevance_gate",
+    "strip_output_softmax",
+]
 
 #: The name of the backward function of the engine's layer gates, by which they are found.
 GATE_NAME = "_lrpjax_layer_bwd"
@@ -521,3 +529,119 @@ def _nonlinear(name: str, relevant: list[bool]) -> bool:
     if name in ("mul", "add", "sub"):
         return all(relevant)  # x * x
     return name in NONLINEAR
+
+
+# --- a softmax or log-softmax at the model's output ---------------------------------------
+
+
+def _producers(jaxpr) -> dict[Any, Any]:
+    return {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+
+
+def _through(producers: dict, v: Any, names: frozenset = _SOFTMAX_CHAIN) -> Any:
+    """`v` followed back through broadcasts, reshapes and casts."""
+    while v in producers and producers[v].primitive.name in names:
+        v = producers[v].invars[0]
+    return v
+
+
+def _is_eqn(producers: dict, v: Any, name: str):
+    eqn = producers.get(v)
+    return eqn if eqn is not None and eqn.primitive.name == name else None
+
+
+def _shift_removed(producers: dict, u: Any) -> Any:
+    """``c`` for ``u = c - stop_gradient(max(c))`` (the stable softmax's shift), else u."""
+    sub = _is_eqn(producers, u, "sub")
+    if sub is not None and isinstance(sub.invars[1], jax_core.Var):
+        shift = _through(producers, sub.invars[1])
+        if _is_eqn(producers, shift, "stop_gradient") is not None:
+            return sub.invars[0]
+    return u
+
+
+def _normalised_exp(producers: dict, numerator: Any, denominator: Any, axis: int) -> Any:
+    """``u`` where ``numerator = exp(u)`` and ``denominator`` is its sum over `axis`."""
+    exp = _is_eqn(producers, numerator, "exp")
+    total = _is_eqn(producers, _through(producers, denominator), "reduce_sum")
+    if exp is None or total is None or total.invars[0] is not numerator:
+        return None
+    if tuple(total.params["axes"]) != (axis,):
+        return None
+    return exp.invars[0]
+
+
+def _output_normaliser(jaxpr, out: Any) -> tuple[str, Any] | None:
+    """``(kind, logits var)`` where `out` is a softmax or log-softmax over the last axis."""
+    producers = _producers(jaxpr)
+    axis = len(out.aval.shape) - 1
+    div = _is_eqn(producers, out, "div")
+    if div is not None:
+        u = _normalised_exp(producers, div.invars[0], div.invars[1], axis)
+        if u is not None:
+            return "softmax", _shift_removed(producers, u)
+    sub = _is_eqn(producers, out, "sub")
+    if sub is not None:
+        log = _is_eqn(producers, _through(producers, sub.invars[1]), "log")
+        if log is not None:
+            summed = _through(producers, log.invars[0])
+            total = _is_eqn(producers, summed, "reduce_sum")
+            exp = total is not None and _is_eqn(producers, total.invars[0], "exp")
+            if exp and exp.invars[0] is sub.invars[0] and tuple(total.params["axes"]) == (axis,):
+                return "log_softmax", _shift_removed(producers, sub.invars[0])
+    call = producers.get(out)
+    if call is not None and call.primitive.name in CALL_PARAMS:
+        inner = call.params[CALL_PARAMS[call.primitive.name]]
+        inner = getattr(inner, "jaxpr", inner)
+        found = _output_normaliser(inner, inner.outvars[call.outvars.index(out)])
+        if found is not None:
+            kind, logits = found
+            if logits in inner.invars:  # the call is the normaliser itself (jax.nn.log_softmax)
+                return kind, call.invars[inner.invars.index(logits)]
+            raise LayerError(
+                f"the model ends in a {kind} computed inside a `{call.primitive.name}` call "
+                f"together with other work{_where(call)}; return the logits (explain the "
+                "model without its final softmax)"
+            )
+    return None
+
+
+def _live(jaxpr, outvars: list) -> list:
+    """The equations of `jaxpr` that `outvars` depend on, in order."""
+    needed = {v for v in outvars if isinstance(v, jax_core.Var)}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in needed for v in eqn.outvars) or eqn.effects:
+            kept.append(eqn)
+            needed.update(v for v in eqn.invars if isinstance(v, jax_core.Var))
+    return kept[::-1]
+
+
+def strip_output_softmax(closed) -> tuple[Any, str | None]:
+    """The model's traced forward pass without a softmax or log-softmax at its output.
+
+    LRP explains a score, and a softmax's outputs are not scores: propagated through it,
+    relevance sums to the gradient's share, not to the probability (and ``init=
+    "probability"`` would apply softmax twice). The logits below it are what is explained;
+    the output relevance (``init``) puts the probability back where it is asked for.
+
+    Args:
+      closed: the traced forward pass (`jax.extend.core.ClosedJaxpr`) with one (N, C) output.
+
+    Returns:
+      ``(closed, kind)``: the pass ending at the logits and ``"softmax"`` or
+      ``"log_softmax"``; or the pass unchanged and None.
+
+    Raises:
+      LayerError: for a softmax fused with other work in one call, whose logits cannot be
+        reached.
+    """
+    jaxpr = closed.jaxpr
+    if len(jaxpr.outvars) != 1 or not isinstance(jaxpr.outvars[0], jax_core.Var):
+        return closed, None
+    found = _output_normaliser(jaxpr, jaxpr.outvars[0])
+    if found is None:
+        return closed, None
+    kind, logits = found
+    stripped = jaxpr.replace(outvars=[logits], eqns=_live(jaxpr, [logits]))
+    return jax_core.ClosedJaxpr(stripped, closed.consts), kind

@@ -3,7 +3,8 @@
 - `as_affine`: a linear layer as ``apply(a, kernel, bias) = a W + b`` with replaceable
   weights, the view every linear rule of `lrpjax.rules` works on. One registry entry per
   layer type (`register_affine`); a new linear layer type is one entry.
-- Type groups the presets map (`DENSE`, `CONV`, `BATCH_NORMS`, `LAYER_NORMS`), the
+- Type groups the presets map (`LayerGroup`: `DENSE`, `CONV`, `BATCH_NORMS`, `LAYER_NORMS`;
+  `register_affine` adds a new type to one, `DENSE` unless told otherwise), the
   parameter-free layers whose relevance follows their gradient (`PASS_THROUGH`), and the
   token embeddings (`EMBEDDINGS`).
 - `Bound`: a layer with the extra arguments of one call (``bn(x, use_running_average=True)``),
@@ -43,6 +44,7 @@ __all__ = [
     "Affine",
     "Bound",
     "LayerError",
+    "LayerGroup",
     "as_affine",
     "is_affine",
     "register_affine",
@@ -56,15 +58,53 @@ class LayerError(TypeError):
     """The model holds a layer or operation that lrpjax cannot explain as given."""
 
 
+class LayerGroup:
+    """A named, extendable group of layer types that the presets map to one rule.
+
+    ``layer in group`` holds for instances of the group's types and their subclasses (and
+    for a `Bound` call of one). A group is a composite key like a type: presets map
+    `DENSE`, `CONV`, `BATCH_NORMS` and `LAYER_NORMS`, so a type added to a group (by
+    `register_affine` or `add`) takes that group's rule in every preset, including presets
+    made before it was added.
+    """
+
+    def __init__(self, name: str, *types: type):
+        self.name = name
+        self._types: list[type] = list(types)
+
+    def add(self, *types: type) -> None:
+        """Add layer types to the group."""
+        self._types.extend(t for t in types if t not in self._types)
+
+    @property
+    def types(self) -> tuple[type, ...]:
+        return tuple(self._types)
+
+    def distance(self, layer: Any) -> int | None:
+        """How many classes up the layer's type is a member of the group, or None."""
+        mro = type(unbound(layer)).__mro__
+        found = [mro.index(t) for t in self._types if t in mro]
+        return min(found) if found else None
+
+    def __contains__(self, layer: Any) -> bool:
+        return self.distance(layer) is not None
+
+    def __iter__(self):
+        return iter(self.types)
+
+    def __repr__(self) -> str:
+        return f"LayerGroup({self.name})"
+
+
 #: Dense layers (presets give them their dense rule).
-DENSE: tuple[type, ...] = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+DENSE = LayerGroup("dense", nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 #: Convolutions (presets give them their convolution rule).
-CONV: tuple[type, ...] = (nnx.Conv, nnx.ConvTranspose)
+CONV = LayerGroup("conv", nnx.Conv, nnx.ConvTranspose)
 #: Batch-norm in inference mode: a per-channel affine map.
-BATCH_NORMS: tuple[type, ...] = (nnx.BatchNorm,)
+BATCH_NORMS = LayerGroup("batch_norm", nnx.BatchNorm)
 #: Normalisations over the features of each example, explained with the normalising scale
 #: held constant (Achtibat et al. 2024): a linear map of the input.
-LAYER_NORMS: tuple[type, ...] = (nnx.LayerNorm, nnx.RMSNorm)
+LAYER_NORMS = LayerGroup("layer_norm", nnx.LayerNorm, nnx.RMSNorm)
 #: Parameter-free, positively homogeneous layers: relevance follows their own gradient.
 PASS_THROUGH: tuple[type, ...] = (ReLU, Flatten, MaxPool, nnx.Dropout)
 #: Layers that pass only the positive part of their input: relevance below them is zero
@@ -119,12 +159,21 @@ class Affine(NamedTuple):
 _AFFINE: dict[type, Callable[..., Affine]] = {}
 
 
-def register_affine(*types: type) -> Callable:
-    """Register ``view(layer, a=None) -> Affine`` for layer types (and their subclasses)."""
+def register_affine(*types: type, group: LayerGroup | None = DENSE) -> Callable:
+    """Register ``view(layer, a=None) -> Affine`` for layer types (and their subclasses).
+
+    Args:
+      types: the layer types the view is for.
+      group: the `LayerGroup` whose rule the presets give these types: `DENSE` (the
+        default), `CONV`, `BATCH_NORMS`, `LAYER_NORMS`, or None for none (then only a
+        composite that maps the type or path explains it).
+    """
 
     def register(view: Callable[..., Affine]) -> Callable[..., Affine]:
         for t in types:
             _AFFINE[t] = view
+        if group is not None:
+            group.add(*types)
         return view
 
     return register
@@ -188,7 +237,7 @@ def few_channels(conv: nnx.Conv) -> bool:
     )
 
 
-@register_affine(nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose)
+@register_affine(nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose, group=None)
 def _weights_and_bias(layer: nnx.Module, a: Array | None = None) -> Affine:
     """The layer's own forward with substituted weights, so that every option (strides,
     padding, dilation, groups, axes) is honoured; plain convolutions of few input channels
@@ -213,7 +262,7 @@ def _weights_and_bias(layer: nnx.Module, a: Array | None = None) -> Affine:
     return Affine(apply, kernel, bias, stackable=stackable)
 
 
-@register_affine(nnx.BatchNorm)
+@register_affine(nnx.BatchNorm, group=None)
 def _batch_norm(layer: nnx.BatchNorm, a: Array | None = None) -> Affine:
     """Inference mode: a per-channel scale and shift of the running statistics."""
     del a
@@ -239,7 +288,7 @@ def _check_last_axis(layer: nnx.Module) -> None:
         )
 
 
-@register_affine(nnx.LayerNorm)
+@register_affine(nnx.LayerNorm, group=None)
 def _layer_norm(layer: nnx.LayerNorm, a: Array | None = None) -> Affine:
     r"""LayerNorm with the normalising scale :math:`1/\sqrt{\mathrm{var}(a) + \epsilon}` of
     the input `a` held constant: :math:`x \mapsto (x - \bar x) s \odot \gamma + \beta`, linear
@@ -260,7 +309,7 @@ def _layer_norm(layer: nnx.LayerNorm, a: Array | None = None) -> Affine:
     return Affine(apply, kernel, _value(layer.bias), entrywise=False)
 
 
-@register_affine(nnx.RMSNorm)
+@register_affine(nnx.RMSNorm, group=None)
 def _rms_norm(layer: nnx.RMSNorm, a: Array | None = None) -> Affine:
     r"""RMSNorm with :math:`1/\sqrt{\overline{a^2} + \epsilon}` held constant: an elementwise
     scaling of the input, kernel of the input's shape (AttnLRP, Achtibat et al. 2024)."""

@@ -6,7 +6,9 @@ Output folder layout (all arrays are ``.npy``, readable with ``np.load(..., mmap
 - ``relevance.npy`` (N, H, W, C) in the chosen dtype;
 - ``predictions.npy``, ``labels.npy``, ``targets.npy`` (N,) int32; ``probabilities.npy``
   (N, classes) float32; ``relevance_sum.npy`` (N,) float32;
-- ``summary.json``, ``heatmaps.png`` (image | heatmap | overlay), ``class_means.png``.
+- ``summary.json``, ``heatmaps.png`` (image | heatmap | overlay), ``class_means.png``;
+- ``files.txt`` (given `files`): each row's input, one per line in row order (UTF-8; the
+  bytes of a file name that is not UTF-8 kept as they are); ``summary.json`` names it.
 
 While a run is in progress its arrays live in ``.partial-explain-<key>/`` beside a manifest
 of the finished chunks (other commands' work folders in ``out`` are left alone). A rerun with
@@ -55,7 +57,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lrpjax import compilation, engine, models, viz
+from lrpjax import compilation, composites, engine, models, viz
 
 __all__ = [
     "ARRAYS",
@@ -324,7 +326,7 @@ def explain_dataset(
     out: str | os.PathLike,
     *,
     settings: dict,
-    composite="epsilon",
+    composite=composites.DEFAULT,
     init="logit",
     target: str | int = "pred",
     batch_size: int = 256,
@@ -333,6 +335,7 @@ def explain_dataset(
     progress: bool = True,
     figures: int = 16,
     compare: str | None = None,
+    files=None,
 ) -> dict:
     """Explain every image and stream the results into `out`.
 
@@ -356,13 +359,24 @@ def explain_dataset(
       figures: how many images the heatmap grid shows.
       compare: a composite shown beside `composite` in ``heatmaps.png`` for the figure's
         images (computed for them alone; not saved); ``None`` shows `composite` alone.
+      files: each image's input (e.g. its file's path), one string per image: written to
+        ``out/files.txt`` in row order and named in the summary (``files.input_files``);
+        ``None`` writes none (and removes an earlier run's).
 
     Returns:
       The summary (also written to ``out/summary.json``), on every process.
 
     Raises:
       OutputLockedError: another run holds `out`.
+      ValueError: `files` does not have one entry per image, or an entry holds a line break.
     """
+    if files is not None:
+        files = [str(f) for f in files]
+        if len(files) != len(images):
+            raise ValueError(f"{len(files)} file names for {len(images)} images")
+        broken = next((f for f in files if "\n" in f or "\r" in f), None)
+        if broken is not None:
+            raise ValueError(f"the file name {broken!r} holds a line break: rename it")
     out = Path(out)
     group = ProcessGroup()
     with contextlib.ExitStack() as stack:
@@ -373,16 +387,19 @@ def explain_dataset(
             model, images, labels, out, group, settings=settings, composite=composite,
             init=init, target=target, batch_size=batch_size, dtype=dtype,
             class_names=class_names, progress=progress, figures=figures, compare=compare,
+            files=files,
         )  # fmt: skip
 
 
 #: The files of a finished result besides the arrays; ``summary.json`` is written last.
 FIGURES = ("heatmaps.png", "class_means.png")
+#: Each row's input, one per line (written when `explain_dataset` is given `files`).
+FILES_NAME = "files.txt"
 
 
 def _explain_locked(
     model, images, labels, out: Path, group: ProcessGroup, *, settings, composite, init,
-    target, batch_size, dtype, class_names, progress, figures, compare,
+    target, batch_size, dtype, class_names, progress, figures, compare, files,
 ) -> dict:  # fmt: skip
     """The run, with `out` locked. Process 0's steps after the computation are ordered so
     that a kill at any point leaves `out` either as it was before or without a
@@ -404,6 +421,9 @@ def _explain_locked(
         keyed = {**settings, "batch_size": batch_size, "n": n, "dtype": dtype}
         if group.count > 1:
             keyed["processes"] = group.count
+        if files is not None:  # a complete work folder's files.txt is theirs
+            listing = "\n".join(files).encode(errors="surrogateescape")
+            keyed["files"] = hashlib.sha256(listing).hexdigest()[:16]
         key = run_key(keyed)
         work = out / f"{WORK_PREFIX}{key}"
         final = work if group.count == 1 else work / "merged"
@@ -434,7 +454,7 @@ def _explain_locked(
                     total = _merge(work, final, group.count, chunks, per, shapes, n)
                 _finish(
                     final, images, n, seconds, total, settings, group, class_names,
-                    num_classes, figures, model, composite, init, compare,
+                    num_classes, figures, model, composite, init, compare, files,
                 )  # fmt: skip
             _publish(final, out)
             shutil.rmtree(work, ignore_errors=True)
@@ -443,9 +463,13 @@ def _explain_locked(
 
 def _publish(final: Path, out: Path) -> None:
     """Move a complete result from `final` into `out`: the old summary out first, the new
-    one in last (files already moved by an interrupted earlier call are skipped)."""
+    one in last (files already moved by an interrupted earlier call are skipped). An
+    earlier run's ``files.txt`` goes when the new result has none."""
+    listed = "input_files" in json.loads((final / "summary.json").read_text())["files"]
     (out / "summary.json").unlink(missing_ok=True)
-    for name in (*(f"{a}.npy" for a in ARRAYS), *FIGURES):
+    if not listed:
+        (out / FILES_NAME).unlink(missing_ok=True)
+    for name in (*(f"{a}.npy" for a in ARRAYS), *FIGURES, FILES_NAME):
         if (final / name).exists():
             os.replace(final / name, out / name)
     os.replace(final / "summary.json", out / "summary.json")
@@ -578,9 +602,10 @@ def _merge(work: Path, merged: Path, count: int, chunks, per: int, shapes: dict,
 
 def _finish(
     final: Path, images, n: int, seconds: float, computed: int, settings: dict, group,
-    class_names, num_classes: int, figures: int, model, composite, init, compare,
+    class_names, num_classes: int, figures: int, model, composite, init, compare, files=None,
 ) -> dict:  # fmt: skip
-    """Process 0: the figures and (last) the summary, beside the final arrays in `final`."""
+    """Process 0: the figures, ``files.txt`` and (last) the summary, beside the final arrays
+    in `final`."""
     result = {name: np.load(final / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
     known = result["labels"] >= 0
     accuracy = (
@@ -590,6 +615,7 @@ def _finish(
     )
     summary = {
         "images": n,
+        "labelled_images": int(known.sum()),  # 0: no labels (accuracy None)
         "accuracy": accuracy,
         "mean_relevance_sum": float(np.mean(result["relevance_sum"])),
         "mean_target_probability": float(
@@ -608,13 +634,17 @@ def _finish(
         | {
             "heatmaps": "heatmaps.png",
             "class_means": "class_means.png",
-        },
+        }
+        | ({"input_files": FILES_NAME} if files is not None else {}),
     }
     if class_names is None or len(class_names) != num_classes:
         class_names = [str(i) for i in range(num_classes)]
     compared = (model, composite, compare, init) if compare and compare != composite else None
     _figures(final, images, result, list(class_names), num_classes, figures, compared)
     del result
+    if files is not None:
+        text = "".join(f"{f}\n" for f in files)
+        (final / FILES_NAME).write_text(text, encoding="utf-8", errors="surrogateescape")
     models.write_json(final / "summary.json", summary)
     return summary
 
@@ -662,7 +692,9 @@ def _figures(
     sums = np.zeros((num_classes, h, w), np.float64)
     counts = np.zeros(num_classes, np.int64)
     for start in range(0, len(images), 1024):
-        maps = viz.channel_sum(result["relevance"][start : start + 1024])
+        # Each image's heatmap in [-1, 1]: every image weighs the same in its class's mean,
+        # not by the size of its logit.
+        maps = viz.heatmap(result["relevance"][start : start + 1024])
         g = group[start : start + 1024]
         np.add.at(sums, g, maps)
         counts += np.bincount(g, minlength=num_classes)

@@ -16,6 +16,7 @@ __all__ = [
     "channel_sum",
     "class_mean_figure",
     "clip_quantile",
+    "colorbar",
     "colorize",
     "colormap",
     "grid_figure",
@@ -105,6 +106,33 @@ def overlay(images: np.ndarray, h: np.ndarray, alpha: float = 0.6, cmap: str = "
     return (1 - weight) * grey + weight * colorize(h, cmap)
 
 
+def colorbar(fig, cmap: str = "bwr") -> None:
+    """Lay out `fig` with a colour bar along its bottom for maps in [-1, 1]: what red and
+    blue mean. Call it instead of ``fig.tight_layout()``; the figure grows by the bar.
+
+    Args:
+      fig: a matplotlib figure whose heatmaps are drawn with ``vmin=-1, vmax=1``.
+      cmap: the maps' colour map (`colormap`).
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    reserved = 0.75  # inches: the bar, its tick labels and its label
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + reserved)
+    total = height + reserved
+    fig.tight_layout(rect=(0, reserved / total, 1, 1), h_pad=1.5)
+    bar = fig.add_axes((0.2, 0.5 / total, 0.6, 0.1 / total))
+    scale = ScalarMappable(norm=Normalize(-1, 1), cmap=colormap(cmap))
+    cb = fig.colorbar(scale, cax=bar, orientation="horizontal", ticks=[-1, 0, 1])
+    cb.ax.set_xticklabels(["-1: against the class", "0", "+1: for the class"], fontsize=7)
+    cb.ax.set_xlabel(
+        "relevance, each map scaled by its largest |R|: red = evidence for the explained "
+        "class, blue = against",
+        fontsize=7,
+    )
+
+
 def grid_figure(
     images: np.ndarray,
     relevance: np.ndarray | Mapping[str, np.ndarray],
@@ -166,7 +194,7 @@ def grid_figure(
             p = f" {float(probabilities[i]):.2f}" if probabilities is not None else ""
             title.append(f"pred {name(int(predictions[i]))}{p}")
         row[0].set_title("\n".join(title), fontsize=7)
-    fig.tight_layout()
+    colorbar(fig, cmap)
     if path is not None:
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -209,18 +237,18 @@ def class_mean_figure(
     k = len(shown)
     cols = min(k, 5)
     rows = (k + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.0), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.2), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, c in zip(axes.ravel(), shown, strict=False):
         ax.imshow(h[c], cmap=colormap(cmap), vmin=-1, vmax=1)
         label = class_names[c] if c < len(class_names) else str(c)
         ax.set_title(label + (f" (n={counts[c]})" if counts is not None else ""), fontsize=8)
-    title = "mean relevance per true class"
+    title = "mean heatmap per true class"
     if k < total:
         title += f" ({k} of {total} classes: those with the most images)"
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    colorbar(fig, cmap)
     if path is not None:
         fig.savefig(path, dpi=110)
         plt.close(fig)

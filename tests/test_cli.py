@@ -24,7 +24,10 @@ from lrpjax.data import sample
 LIMIT, BATCH = 12, 8
 BASE = ["--limit", str(LIMIT), "--batch-size", str(BATCH), "--no-progress"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FILES = ("summary.json", "heatmaps.png", "class_means.png", *(f"{n}.npy" for n in pipeline.ARRAYS))
+FILES = (
+    "summary.json", "heatmaps.png", "class_means.png", "files.txt",
+    *(f"{n}.npy" for n in pipeline.ARRAYS),
+)  # fmt: skip
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -112,7 +115,7 @@ def test_default_run_writes_every_output(default_run, sample_data):
     assert summary["images"] == LIMIT
     assert summary["accuracy"] == pytest.approx(accuracy)
     assert summary["mean_relevance_sum"] == pytest.approx(float(a["relevance_sum"].mean()))
-    assert summary["settings"]["composite"] == "epsilon"
+    assert summary["settings"]["composite"] == "epsilon_gamma_box"  # composites.DEFAULT
     assert summary["settings"]["init"] == "logit"
     assert summary["settings"]["limit"] == LIMIT
 
@@ -275,6 +278,42 @@ def small_image_folder(root: Path, size: int, mode: str) -> Path:
     return root
 
 
+def flat_folder(root: Path, names=("b.png", "a.png", "c.jpg"), sizes=None) -> Path:
+    """Unlabelled images directly in `root`, of distinct colours (written out of name order)."""
+    root.mkdir(parents=True)
+    for i, name in enumerate(names):
+        size = sizes[i] if sizes else 32
+        Image.new("RGB", (size, size), (40 * i, 200 - 30 * i, 7)).save(root / name)
+    return root
+
+
+def class_folders(root: Path, classes=("cat", "dog")) -> Path:
+    """class/image folders (no splits), 2 images each."""
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (50 * label, 100 + i, 3)).save(root / name / f"{i}.png")
+    return root
+
+
+def mixed_folder(root: Path) -> Path:
+    """Class folders and an image beside them."""
+    class_folders(root)
+    Image.new("RGB", (32, 32)).save(root / "x.png")
+    return root
+
+
+def empty_folder(root: Path) -> Path:
+    (root / "cat").mkdir(parents=True)
+    return root
+
+
+def broken_image(folder: Path, name: str, how: str) -> Path:
+    good = (folder / "a.png").read_bytes()
+    (folder / name).write_bytes(b"not an image" if how == "garbage" else good[: len(good) // 2])
+    return folder
+
+
 def wrong_arrays_checkpoint(path: Path) -> Path:
     models.write_arrays(
         path,
@@ -345,6 +384,43 @@ BAD_INPUTS = [
         lambda d: ["--data-dir", small_image_folder(d / "imgs", 28, "L")],
         "got (4, 28, 28, 3)",
     ),
+    (
+        "28x28-flat",
+        lambda d: ["--data-dir", flat_folder(d / "flat", sizes=(28, 28, 28))],
+        "lrpjax does not resize images",
+    ),
+    (
+        "flat-sizes-differ",
+        lambda d: ["--data-dir", flat_folder(d / "flat", sizes=(32, 28, 32))],
+        "differ in size: 2 of 32x32 (e.g. b.png); 1 of 28x28 (e.g. a.png)",
+    ),
+    (
+        "flat-target-label",
+        lambda d: ["--data-dir", flat_folder(d / "flat"), "--target", "label"],
+        "--target label needs labelled images",
+    ),
+    ("empty-dir", lambda d: ["--data-dir", empty_folder(d / "empty")], "no images under"),
+    (
+        "corrupt-image",
+        lambda d: ["--data-dir", broken_image(flat_folder(d / "flat"), "bad.png", "garbage")],
+        "/flat/bad.png: ",  # cannot decode image PATH: why
+    ),
+    (
+        "truncated-image",
+        lambda d: ["--data-dir", broken_image(flat_folder(d / "flat"), "half.png", "truncated")],
+        "/flat/half.png: ",
+    ),
+    (
+        "mixed-images-and-classes",
+        lambda d: ["--data-dir", mixed_folder(d / "mixed")],
+        "mixes layouts: images directly in it (x.png) and in sub-folders (cat, dog)",
+    ),
+    (
+        "split-of-class-folders",
+        lambda d: ["--data-dir", class_folders(d / "pets"), "--split", "test"],
+        "has no split folders: it holds class folders (cat, dog)",
+    ),
+    ("split-without-data", lambda d: ["--split", "train"], "--split needs --data-dir"),
 ]
 
 
@@ -851,3 +927,185 @@ def test_evaluate_with_a_bad_model_creates_no_folder(tmp_path):
     code, _, err = run_cli("evaluate", "--model", "resnet", "--out", out, "--no-progress")
     assert code == 2 and "unknown model 'resnet'" in err, err
     assert not out.exists()
+
+
+# --- folder layouts and files.txt ----------------------------------------------------------
+
+
+def test_flat_folder_is_explained_for_its_predictions(tmp_path, pretrained):
+    """Images alone: no labels (-1), targets are the predictions, no accuracy claimed."""
+    folder = flat_folder(tmp_path / "flat")
+    out = tmp_path / "out"
+    code, stdout, err = explain_cli(out, "--data-dir", folder)
+    assert code == 0, err
+    a = load_arrays(out)
+    np.testing.assert_array_equal(a["labels"], [-1, -1, -1])
+    np.testing.assert_array_equal(a["targets"], a["predictions"])
+    names = (out / "files.txt").read_text().splitlines()
+    assert names == ["a.png", "b.png", "c.jpg"]
+    # Row i of every array is the image that line i of files.txt names.
+    x = np.stack([np.asarray(Image.open(folder / n).convert("RGB")) for n in names])
+    logits = np.asarray(pretrained(x.astype(np.float32) / 255.0))
+    np.testing.assert_array_equal(a["predictions"], logits.argmax(-1))
+    np.testing.assert_allclose(a["relevance"].reshape(3, -1).sum(-1), a["relevance_sum"], 1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"] is None and summary["labelled_images"] == 0
+    assert summary["files"]["input_files"] == "files.txt"
+    assert summary["settings"]["data"].startswith(f"{folder}@")  # no split in the source
+    assert f"explained 3 images ({folder})" in stdout and "no labels" in stdout, stdout
+    assert "accuracy 0" not in stdout
+
+
+def test_class_folders_without_split(tmp_path, image_folder, image_folder_expected):
+    """A bare class/image folder (the fixture's test split alone): no --split needed."""
+    folder = tmp_path / "bare"
+    shutil.copytree(image_folder / "test", folder, ignore=shutil.ignore_patterns(".*"))
+    out = tmp_path / "out"
+    code, stdout, err = explain_cli(out, "--data-dir", folder, "--target", "label")
+    assert code == 0, err
+    labels = np.array([0, 3, 5])[image_folder_expected["test"][1]]  # airplane, cat, dog
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), labels)
+    np.testing.assert_array_equal(np.load(out / "targets.npy"), labels)
+    assert (out / "files.txt").read_text().splitlines() == [
+        f"{c}/{i:03d}.png" for c in ("airplane", "cat", "dog") for i in range(4)
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labelled_images"] == 12 and summary["accuracy"] is not None
+    assert f"explained 12 images ({folder})" in stdout
+
+
+def test_files_txt_for_a_split_folder_and_an_archive(tmp_path):
+    import tarfile
+
+    root = small_image_folder(tmp_path / "imgs", 32, "RGB")  # test/cat, test/dog
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root / "test", arcname="top/test")  # wrapped in one folder
+    expected = [f"test/{c}/{i}.png" for c in ("cat", "dog") for i in range(2)]
+    for source, prefix in ((root, ""), (archive, "top/")):
+        out = tmp_path / f"out-{source.name}"
+        code, _, err = explain_cli(out, "--data-dir", source)
+        assert code == 0, err
+        assert (out / "files.txt").read_text().splitlines() == [prefix + f for f in expected]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["files"]["input_files"] == "files.txt"
+        assert summary["settings"]["data"].startswith(f"{source}:test@")
+
+
+def test_the_sample_rows_are_named_by_index(default_run):
+    out, _ = default_run
+    assert (out / "files.txt").read_text().splitlines() == [
+        f"shipped-sample:{i}" for i in range(LIMIT)
+    ]
+
+
+def test_a_run_without_files_removes_an_earlier_files_txt(tmp_path, default_run, pretrained):
+    out = tmp_path / "out"
+    shutil.copytree(default_run[0], out)
+    (out / "files.txt").write_text("an earlier run's rows\n")
+    x, y = sample()
+    summary = pipeline.explain_dataset(
+        pretrained, x[:4], y[:4], out, settings={"test": "no files"}, batch_size=4,
+        progress=False, figures=2,
+    )  # fmt: skip
+    assert "input_files" not in summary["files"]
+    assert not (out / "files.txt").exists()
+    assert not list(out.glob(".partial-*"))
+
+
+def test_file_names_must_fit_files_txt(tmp_path, pretrained):
+    x, y = sample()
+    for files, message in ((["a.png"], "1 file names for 2 images"), (["a", "b\nc"], "line")):
+        with pytest.raises(ValueError, match=message):
+            pipeline.explain_dataset(
+                pretrained, x[:2], y[:2], tmp_path / "out", settings={}, files=files
+            )
+    assert not (tmp_path / "out").exists()  # refused before anything is made
+
+
+def test_concepts_and_evaluate_read_the_new_layouts(tmp_path):
+    pets = class_folders(tmp_path / "pets")  # cat, dog: CIFAR-10 classes 3, 5
+    code, stdout, err = run_cli(
+        "concepts", "--data-dir", pets, "--layer", "dense1", "--top-k", "1", "--batch-size",
+        "4", "--no-progress", "--out", tmp_path / "concepts",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"analysed 4 images ({pets})" in stdout
+    flat = flat_folder(tmp_path / "flat")
+    code, _, err = run_cli("concepts", "--data-dir", flat, "--out", tmp_path / "c2")
+    assert code == 2 and "--target label needs labelled images; use --target pred" in err
+    code, _, err = run_cli(
+        "evaluate", "--data-dir", flat, "--explainers", "gradient", "--steps", "2",
+        "--sanity-images", "0", "--no-progress", "--out", tmp_path / "eval",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval" / "aopc.json").read_text())["accuracy"] is None
+
+
+# --- --help ---------------------------------------------------------------------------------
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option's help text (after its flags and metavar), whitespace collapsed, keyed by
+    every one of its flags."""
+    entries: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^  (-[^ ].*?)(?: {2,}(.*))?$", line)
+        if m:
+            flags = [f.split(" ")[0] for f in m.group(1).split(", ")]
+            current = [m.group(2) or ""]
+            for flag in flags:
+                entries[flag] = current
+        elif current is not None and line.startswith("    ") and line.strip():
+            current.append(line)
+        else:
+            current = None
+    return {flag: " ".join(" ".join(parts).split()) for flag, parts in entries.items()}
+
+
+@pytest.mark.parametrize("command", [None, "explain", "concepts", "evaluate", "bench"])
+def test_help_shows_every_default(command, monkeypatch, capsys):
+    import argparse
+
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per option: no word is split
+    parser = cli.build_parser()
+    if command is not None:
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if command not in sub.choices:
+            pytest.skip(f"lrpjax {command} is not available here")
+        parser = sub.choices[command]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*([command] if command else []), "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    entries = help_entries(text)
+    checked = []
+    for action in parser._actions:
+        if not action.option_strings or action.default in (None, argparse.SUPPRESS):
+            continue
+        entry = entries[action.option_strings[0]]
+        assert "default" in entry and str(action.default) in entry, (action.dest, entry)
+        checked.append(action.dest)
+    if command == "explain":
+        assert {"batch_size", "dtype", "no_progress", "composite", "out"} <= set(checked)
+        assert "default: test" in entries["--split"]  # resolved where the data has splits
+    if command is None:  # the subcommands are listed
+        assert all(name in text for name in ("explain", "concepts", "evaluate")), text
+
+
+def test_data_options_are_the_same_in_every_command():
+    import argparse
+
+    (sub,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    data_options = {"dataset", "data_dir", "split", "limit"}
+
+    def options(name):
+        return {
+            (a.dest, tuple(a.option_strings), a.default, a.type)
+            for a in sub.choices[name]._actions
+            if a.dest in data_options
+        }
+
+    assert len(options("explain")) == 4
+    assert options("concepts") == options("explain") == options("evaluate")

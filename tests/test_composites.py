@@ -193,7 +193,7 @@ def test_dict_composite_through_explain_equals_preset():
     x = _x((3, 6))
     as_dict = lrpjax.explain(model, x, composite={nnx.Linear: rules.epsilon(0.1)})
     preset = lrpjax.explain(model, x, composite=composites.epsilon(0.1))
-    by_name = lrpjax.explain(model, x)  # "epsilon", eps=1e-6
+    by_name = lrpjax.explain(model, x, composite="epsilon")  # eps=1e-6
     np.testing.assert_allclose(as_dict, preset, rtol=1e-6)
     assert not np.allclose(as_dict, by_name, rtol=1e-3)
 

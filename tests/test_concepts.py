@@ -266,7 +266,8 @@ def test_partition_on_the_shipped_model() -> None:
     masks = concepts.channel_masks(64, np.arange(64), 4)
     target = jnp.array([-1, 3])
     every = np.asarray(lrpjax.jit(fn)(state, x, target, masks))
-    plain = np.asarray(lrpjax.explain(model, x, target=np.array([int(model(x[:1]).argmax()), 3])))
+    target = np.array([int(model(x[:1]).argmax()), 3])
+    plain = np.asarray(lrpjax.explain(model, x, composite="epsilon", target=target))
     err = np.abs(every.sum(1) - plain).max() / np.abs(plain).max()
     assert err < 1e-4, err
 
@@ -473,7 +474,7 @@ def test_cli_channel_relevance_matches_the_layerwise_explanation(full_run: Path)
 
     model = lrpjax.load_pretrained()
     x, y = data.sample()
-    _, layers = lrpjax.explain(model, x[:4], target=y[:4], layerwise=True)
+    _, layers = lrpjax.explain(model, x[:4], composite="epsilon", target=y[:4], layerwise=True)
     rel = np.load(full_run / "conv3" / "relevance.npy")[:4]
     want = np.asarray(layers["relu3"]).sum((1, 2))
     np.testing.assert_allclose(rel, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
@@ -482,7 +483,9 @@ def test_cli_channel_relevance_matches_the_layerwise_explanation(full_run: Path)
     position = np.load(full_run / "conv3" / "top_relevance_position.npy")
     assert (np.load(full_run / "dense1" / "top_relevance_position.npy") == 0).all()
     images = index[:6, 0]
-    _, layers = lrpjax.explain(model, x[images], target=y[images], layerwise=True)
+    _, layers = lrpjax.explain(
+        model, x[images], composite="epsilon", target=y[images], layerwise=True
+    )
     R = np.asarray(layers["relu3"]).reshape(6, -1, 64)
     np.testing.assert_array_equal(position[:6, 0], R[np.arange(6), :, np.arange(6)].argmax(1))
 

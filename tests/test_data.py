@@ -490,3 +490,136 @@ def test_real_cifar10_copy(real_data_cache):
     # Pixels are whole multiples of 1/255 (decoded bytes), and the images are not blank.
     np.testing.assert_allclose(images[:10] * 255, np.round(images[:10] * 255), atol=1e-3)
     assert images.std() > 0.1
+
+
+# --- layouts without splits, file names ------------------------------------------------------
+
+
+def write_images(folder: Path, names, size: int = 32) -> list[np.ndarray]:
+    """PNG (or JPEG, by suffix) images of distinct colours; returns their uint8 pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = []
+    for i, name in enumerate(names):
+        x = np.full((size, size, 3), (20 * i, 250 - 20 * i, 9), np.uint8)
+        Image.fromarray(x).save(folder / name)
+        pixels.append(x)
+    return pixels
+
+
+def test_flat_folder_is_read_unlabelled_in_name_order(tmp_path, monkeypatch):
+    pixels = write_images(tmp_path, ["b.png", "a.png", "c.png"])
+    (tmp_path / "notes.txt").write_text("not an image")  # ignored, as in class folders
+    read = data.read_folder(tmp_path, progress=False)
+    assert (read.layout, read.split, read.classes) == ("flat", None, [])
+    assert read.files == ["a.png", "b.png", "c.png"]
+    np.testing.assert_array_equal(read.labels, [-1, -1, -1])
+    assert read.labels.dtype == np.int32
+    expected = np.stack([pixels[1], pixels[0], pixels[2]]).astype(np.float32) / 255.0
+    np.testing.assert_array_equal(read.images, expected)
+    images, labels = data.image_folder(tmp_path)  # the loaders take it too
+    np.testing.assert_array_equal(images, read.images)
+    np.testing.assert_array_equal(labels, read.labels)
+    # The decoded cache lies in the folder itself: it must not change the folder's stamp.
+    assert (tmp_path / ".flat-decoded.npz").is_file()
+    assert data.stamp(tmp_path) == read.stamp != ""
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again instead of using the cache")
+
+    monkeypatch.setattr(data, "_decode_split", no_decoding)
+    np.testing.assert_array_equal(data.read_folder(tmp_path).images, read.images)
+
+
+def test_class_folders_without_splits(folder, image_folder_expected, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(folder / "test", bare)
+    read = data.read_folder(bare, progress=False)
+    assert (read.layout, read.split, read.classes) == ("classes", None, ["airplane", "cat", "dog"])
+    assert_split(read.images, read.labels, image_folder_expected["test"])
+    assert read.files == [f"{c}/{i:03d}.png" for c in ("airplane", "cat", "dog") for i in range(4)]
+    _, labels = data.load(bare, class_names=data.CIFAR10_CLASSES)  # by name: 0, 3, 5
+    np.testing.assert_array_equal(labels, np.array([0, 3, 5])[image_folder_expected["test"][1]])
+
+
+def test_files_are_relative_to_the_folder_or_the_archive(folder, tmp_path):
+    expected = [f"test/{c}/{i:03d}.png" for c in ("airplane", "cat", "dog") for i in range(4)]
+    read = data.read_folder(folder)
+    assert (read.layout, read.split) == ("split", "test")  # the default split
+    assert read.files == expected
+    assert data.read_folder(folder, "train").files == [f.replace("test", "train") for f in expected]
+    archive = make_archive(folder, tmp_path / "wrapped.tar.gz", "top")
+    from_archive = data.read_folder(archive)
+    assert from_archive.files == [f"top/{f}" for f in expected]
+    assert from_archive.stamp == data.stamp(archive)
+
+
+def test_names_starting_with_a_dot_are_ignored(folder, image_folder_expected):
+    checkpoints = folder / "test" / ".ipynb_checkpoints"
+    write_images(checkpoints, ["000-checkpoint.png"])
+    write_images(folder / "test" / "cat", [".hidden.png"])
+    read = data.read_folder(folder, "test")
+    assert read.classes == ["airplane", "cat", "dog"]
+    assert_split(read.images, read.labels, image_folder_expected["test"])
+
+
+def _loose_beside_classes(root: Path) -> str:
+    write_images(root, ["loose.png"])
+    write_images(root / "cat", ["0.png"])
+    return "images directly in it (loose.png) and in sub-folders (cat)"
+
+
+def _classes_beside_splits(root: Path) -> str:
+    write_images(root / "cat", ["0.png"])
+    write_images(root / "test" / "dog", ["0.png"])
+    return "class folders of images (cat) beside split folders of class folders (test)"
+
+
+def _class_folder_with_nested_images(root: Path) -> str:
+    write_images(root / "cat", ["0.png"])
+    write_images(root / "cat" / "kittens", ["1.png"])
+    return "cat mixes layouts: images directly in it (0.png) and in sub-folders (kittens)"
+
+
+@pytest.mark.parametrize(
+    "make", [_loose_beside_classes, _classes_beside_splits, _class_folder_with_nested_images]
+)
+def test_mixed_layouts_are_an_error_naming_them(tmp_path, make):
+    message = make(tmp_path)
+    with pytest.raises(DataUnavailableError, match="mixes layouts") as info:
+        data.read_folder(tmp_path)
+    assert message in str(info.value)
+
+
+def test_a_split_of_a_folder_without_splits_is_an_error(tmp_path):
+    write_images(tmp_path / "cat", ["0.png"])
+    with pytest.raises(DataUnavailableError, match="has no split folders") as info:
+        data.read_folder(tmp_path, "test")
+    assert "class folders (cat)" in str(info.value)
+    with pytest.raises(DataUnavailableError, match="has no split folders"):
+        data.read_folder(tmp_path / "cat", "test")  # images alone
+
+
+def test_empty_folder_says_no_images(tmp_path):
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(DataUnavailableError, match="no images under") as info:
+        data.read_folder(tmp_path)
+    assert_names_both_ways(info.value)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+def test_undecodable_image_in_a_flat_folder_is_named(tmp_path, kind):
+    write_images(tmp_path, ["a.png", "b.png"])
+    good = (tmp_path / "b.png").read_bytes()
+    (tmp_path / "b.png").write_bytes(b"not a png" if kind == "garbage" else good[: len(good) // 2])
+    with pytest.raises(DataUnavailableError, match="cannot decode image") as info:
+        data.read_folder(tmp_path, progress=False)
+    assert str(tmp_path / "b.png") in str(info.value)
+
+
+def test_images_of_different_sizes_name_an_example_of_each(tmp_path):
+    write_images(tmp_path / "cat", ["0.png", "1.png"])
+    write_images(tmp_path / "dog", ["small.png"], size=28)
+    with pytest.raises(DataUnavailableError, match="differ in size") as info:
+        data.read_folder(tmp_path, progress=False)
+    message = str(info.value)
+    assert "2 of 32x32 (e.g. cat/0.png)" in message and "1 of 28x28 (e.g. dog/small.png)" in message

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import lrpjax
@@ -81,3 +82,42 @@ def test_a_new_layer_type_is_one_registry_entry():
     R_out = jnp.ones((3, 5))
     expected = a * model.scale.w[...] / (a * model.scale.w[...] + model.scale.b[...]) * R_out
     np.testing.assert_allclose(rules.z()(model.scale, a, R_out), expected, rtol=1e-5)
+
+
+class Shift(Scale):
+    """Registered with the convolutions' group."""
+
+
+@layer_types.register_affine(Shift, group=layer_types.CONV)
+def _shift(layer, a=None):
+    return _scale(layer, a)
+
+
+@pytest.mark.parametrize("name", sorted(lrpjax.composites.PRESETS))
+def test_a_registered_layer_type_is_covered_by_every_preset(name):
+    composite = lrpjax.composites.get(name)
+    none = frozenset()
+    dense_rule = composite.rule_for("x", nnx.Linear(2, 2, rngs=nnx.Rngs(0)), none)
+    assert composite.rule_for("scale", Scale(2), none) == dense_rule
+    conv_rule = composite.rule_for("x", nnx.Conv(2, 2, (3, 3), rngs=nnx.Rngs(0)), none)
+    assert composite.rule_for("shift", Shift(2), none) == conv_rule
+    x = np.random.default_rng(1).uniform(0, 1, (3, 4)).astype(np.float32)  # z^B's bounds
+    R = lrpjax.explain(Net(nnx.Rngs(1)), x, composite=name)
+    assert np.all(np.isfinite(np.asarray(R)))
+
+
+def test_a_type_key_beats_the_group_of_the_type():
+    composite = lrpjax.composites.from_mapping(
+        {layer_types.DENSE: rules.epsilon(), Scale: rules.zplus()}
+    )
+    assert composite.rule_for("s", Scale(2), frozenset()) == rules.zplus()
+    linear = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    assert composite.rule_for("d", linear, frozenset()) == rules.epsilon()
+
+
+def test_a_type_registered_without_a_group_needs_an_explicit_composite():
+    class Loose(nnx.Module):  # Scale's twin, not a subclass
+        __init__, __call__ = Scale.__init__, Scale.__call__
+
+    layer_types.register_affine(Loose, group=None)(_scale)
+    assert lrpjax.composites.get("epsilon").rule_for("l", Loose(2), frozenset()) is None

@@ -159,8 +159,24 @@ def test_grid_figure_with_named_maps_side_by_side(tmp_path, relevance):
     path = tmp_path / "pair.png"
     fig = viz.grid_figure(images, {"LRP a": relevance[:3], "LRP b": -relevance[:3]}, path=path)
     assert path.read_bytes()[:8] == PNG_MAGIC
-    assert len(fig.axes) == 2 * 6  # 2 rows of 2 x (image | a | b)
+    assert len(fig.axes) == 2 * 6 + 1  # 2 rows of 2 x (image | a | b), and the colour bar
     assert [ax.get_title() for ax in fig.axes[:6]] == ["", "LRP a", "LRP b", "", "LRP a", "LRP b"]
     shown = [ax.images[0].get_array() for ax in fig.axes[1:3]]
     np.testing.assert_allclose(shown[0], viz.heatmap(relevance[:1])[0])
     np.testing.assert_allclose(shown[1], -viz.heatmap(relevance[:1])[0])
+
+
+@pytest.mark.parametrize("figure", ["grid", "class_means"])
+def test_figures_carry_a_colour_bar_that_says_what_red_and_blue_mean(figure, relevance):
+    images = np.random.default_rng(1).random((2, 8, 6, 3)).astype(np.float32)
+    if figure == "grid":
+        fig = viz.grid_figure(images, relevance[:2], labels=[0, 1], class_names=["a", "b"])
+    else:
+        fig = viz.class_mean_figure(viz.channel_sum(relevance[:2]), class_names=["a", "b"])
+    bars = [ax for ax in fig.axes if "red = evidence for" in ax.get_xlabel()]
+    assert len(bars) == 1
+    ticks = [t.get_text() for t in bars[0].get_xticklabels()]
+    assert ticks == ["-1: against the class", "0", "+1: for the class"]
+    # the bar sits below every map
+    lowest_map = min(ax.get_position().y0 for ax in fig.axes if ax is not bars[0])
+    assert bars[0].get_position().y1 < lowest_map
