@@ -1,6 +1,6 @@
 """Benchmark of `lrpjax.concepts` on the shipped miniVGG (numbers in the README).
 
-1. One batch step: plain LRP-epsilon (`lrpjax.pipeline.make_step`, what ``lrpjax explain``
+1. One batch step: plain LRP-epsilon (`lrpjax.runs.pipeline.make_step`, what ``lrpjax explain``
    runs) against the channel relevance of every layer whose output relevance can be read,
    without and with the activations (what ``lrpjax concepts`` runs).
 2. Conditional heatmaps for 64 channels of one batch in one compiled call (`jax.vmap` over
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import lrpjax
-from lrpjax import concepts, pipeline
+from lrpjax import concepts
+from lrpjax.runs import pipeline
 
 
 def _median_seconds(fn, args: tuple, repeats: int) -> float:

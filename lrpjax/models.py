@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax.layers import Flatten, MaxPool, ReLU
+from lrpjax.core.layers import Flatten, MaxPool, ReLU
 
 __all__ = [
     "CCT",
@@ -156,7 +156,7 @@ class CCT(nnx.Module):
     - convolutional tokenizer, ``len(channels) + 1`` stages of Conv 3x3 (no bias, SAME) ->
       ReLU -> MaxPool 2x2 with ``*channels, dim`` output channels: 32x32x3 -> 16x16x64 ->
       8x8x128, i.e. 64 tokens of width ``dim``; the paper pools with overlapping 3x3 windows
-      of stride 2, here 2x2 windows (`lrpjax.layers.MaxPool`), which the LRP engine
+      of stride 2, here 2x2 windows (`lrpjax.core.layers.MaxPool`), which the LRP engine
       explains with the winner-take-all rule;
     - a learned position embedding added to the tokens;
     - ``depth`` pre-norm transformer blocks (`TransformerBlock`: `nnx.MultiHeadAttention`

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax.layers import MaxPool
+from lrpjax.core.layers import MaxPool
 from lrpjax.models import MiniVGG, TransformerBlock
 
 __all__ = [

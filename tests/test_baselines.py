@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from lrpjax.layers import Flatten, ReLU
 
 import lrpjax
 from lrpjax import baselines, composites
-from lrpjax.layers import Flatten, ReLU
 
 
 class Smooth(nnx.Module):

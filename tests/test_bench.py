@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from lrpjax import cli, compilation
+from lrpjax import compilation
+from lrpjax.commands import main as cli
 
 METHODS = ("forward", "gradient", "lrp:epsilon", "lrp:epsilon:eps=0.25", "smoothgrad:samples=2")
 
@@ -83,7 +84,8 @@ def test_bench_dtype_runs_the_whole_model_in_it():
     import jax.numpy as jnp
     from flax import nnx
 
-    from lrpjax import bench, models
+    from lrpjax import models
+    from lrpjax.bench import speed as bench
 
     model = models.MiniVGG(rngs=nnx.Rngs(0))
     model.eval()
@@ -120,7 +122,8 @@ def _tiny_model():
 def test_fidelity_of_float32_against_itself_is_exact():
     import numpy as np
 
-    from lrpjax import bench, data
+    from lrpjax import data
+    from lrpjax.bench import speed as bench
 
     images = data.sample()[0][:2]
     (row,) = bench.fidelity(_tiny_model(), images, ["lrp:epsilon"], dtype="float32")
@@ -132,7 +135,8 @@ def test_fidelity_of_float32_against_itself_is_exact():
 def test_fidelity_of_bfloat16_reports_its_error():
     import numpy as np
 
-    from lrpjax import bench, data
+    from lrpjax import data
+    from lrpjax.bench import speed as bench
 
     images = data.sample()[0][:2]
     methods = ["lrp:epsilon", "lrp:epsilon_plus_flat"]

@@ -18,8 +18,10 @@ import pytest
 from PIL import Image
 
 import lrpjax
-from lrpjax import cli, models, pipeline
+from lrpjax import models
+from lrpjax.commands import main as cli
 from lrpjax.data import sample
+from lrpjax.runs import pipeline
 
 LIMIT, BATCH = 12, 8
 BASE = ["--limit", str(LIMIT), "--batch-size", str(BATCH), "--no-progress"]
@@ -142,7 +144,7 @@ def test_default_run_matches_library_explain(default_run, sample_data, pretraine
 def test_cli_does_not_import_tensorflow(tmp_path):
     out = tmp_path / "out"
     code = (
-        "import sys; from lrpjax.cli import main; "
+        "import sys; from lrpjax.commands.main import main; "
         f"rc = main(['explain', '--limit', '4', '--batch-size', '4', '--no-progress', "
         f"'--out', {str(out)!r}]); assert rc == 0, rc; "
         "assert 'tensorflow' not in sys.modules; "
@@ -511,7 +513,7 @@ def test_explain_refuses_nan(pretrained):
 # --- a lock on the output folder ----------------------------------------------------------
 
 HOLD_LOCK = (
-    "import sys; from lrpjax.pipeline import lock_output\n"
+    "import sys; from lrpjax.runs.pipeline import lock_output\n"
     "with lock_output(sys.argv[1]):\n"
     "    print('locked', flush=True); sys.stdin.read()\n"
 )
@@ -713,8 +715,8 @@ def test_model_minivgg_is_the_default(tmp_path, default_run):
 
 def test_evaluate_does_not_import_cli():
     code = (
-        "import sys, lrpjax.evaluate, lrpjax.cli_common\n"
-        "assert 'lrpjax.cli' not in sys.modules, 'cycle'\n"
+        "import sys, lrpjax.analysis.evaluate, lrpjax.commands.common\n"
+        "assert 'lrpjax.commands.main' not in sys.modules, 'cycle'\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

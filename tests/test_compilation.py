@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import lrpjax
-from lrpjax import compilation, engine
+from lrpjax import compilation
+from lrpjax.core import engine
 from lrpjax.models import MiniVGG
 
 

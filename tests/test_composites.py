@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from lrpjax.composites import FIRST, LAST
+from lrpjax.layers import Flatten, MaxPool, ReLU
 
 import lrpjax
 from lrpjax import composites, rules
-from lrpjax.composites import FIRST, LAST
-from lrpjax.layers import Flatten, MaxPool, ReLU
 
 RNGS = nnx.Rngs(0)
 CONV = nnx.Conv(3, 4, (3, 3), rngs=RNGS)

@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from lrpjax import cli, concepts, data, pipeline, zoo
 from lrpjax.layer_types import LayerError
 from lrpjax.layers import Flatten, ReLU
+
+from lrpjax import concepts, data, zoo
+from lrpjax.commands import main as cli
+from lrpjax.runs import pipeline
 
 EPS = 0.1  # LRP-epsilon's eps in the hand-written loop and the engine's composite
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -29,7 +29,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lrpjax import cli, data, pipeline
+from lrpjax import data
+from lrpjax.commands import main as cli
+from lrpjax.runs import pipeline
 
 CLASSES = ("airplane", "bird", "cat", "deer", "dog", "frog", "ship", "truck")
 PER_CLASS, BATCH = 8, 8  # 64 images, 8 chunks: 4 per process
@@ -52,7 +54,8 @@ def _test_deadline():
 DRIVER = textwrap.dedent(
     """
     import hashlib, json, os, sys
-    from lrpjax import cli, pipeline
+    from lrpjax.commands import main as cli
+    from lrpjax.runs import pipeline
 
     report = sys.argv[1]
     die_at = int(os.environ.get("DIE_AT_STEP", "0"))
@@ -342,7 +345,7 @@ def test_distributed_with_one_process(folder, one_process, tmp_path):
         "JAX_PROCESS_ID": "0",
     }
     argv = [*ARGS, "--data-dir", str(folder), "--out", str(out), "--distributed"]
-    code = f"import sys; from lrpjax.cli import main; sys.exit(main({argv!r}))"
+    code = f"import sys; from lrpjax.commands.main import main; sys.exit(main({argv!r}))"
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True,
         timeout=remaining(),
@@ -354,7 +357,10 @@ def test_distributed_with_one_process(folder, one_process, tmp_path):
 
 def test_distributed_settings_are_checked():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "two"}
-    code = "import sys; from lrpjax.cli import main; sys.exit(main(['explain', '--distributed']))"
+    code = (
+        "import sys; from lrpjax.commands.main import main; "
+        "sys.exit(main(['explain', '--distributed']))"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )

@@ -17,11 +17,11 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lrpjax.composites import FIRST
+from lrpjax.layers import Flatten, MaxPool, ReLU
 
 import lrpjax
 from lrpjax import rules
-from lrpjax.composites import FIRST
-from lrpjax.layers import Flatten, MaxPool, ReLU
 from lrpjax.models import MiniVGG
 
 # --- models ----------------------------------------------------------------------------
@@ -842,7 +842,7 @@ def _clear_compiled(engine) -> None:
 
 def _found_by(analysis: str, model, x) -> list[set[str]]:
     """What one of the engine's structure analyses returns while explaining x."""
-    from lrpjax import engine
+    from lrpjax.core import engine
 
     found = []
     original = getattr(engine, analysis)
@@ -862,7 +862,7 @@ def _found_by(analysis: str, model, x) -> list[set[str]]:
 def _explained_without(analysis: str, model, x, composite) -> np.ndarray:
     """The explanation with one of the engine's structure analyses (``_rectified``,
     ``_nonnegative_inputs``) finding nothing: the general forms of the rules."""
-    from lrpjax import engine
+    from lrpjax.core import engine
 
     original = getattr(engine, analysis)
     setattr(engine, analysis, lambda *args: set())

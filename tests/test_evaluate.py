@@ -1,4 +1,5 @@
-"""``lrpjax.evaluate`` and ``lrpjax evaluate``: the report files are written and parseable."""
+"""``lrpjax.analysis.evaluate`` and ``lrpjax evaluate``: the report files are written and
+parseable."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 import numpy as np
 import pytest
 from flax import nnx
-
-from lrpjax import baselines, cli, evaluate, metrics
 from lrpjax.layers import Flatten, MaxPool, ReLU
+
+from lrpjax import baselines, metrics
+from lrpjax.analysis import evaluate
+from lrpjax.commands import main as cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

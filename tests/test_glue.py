@@ -1,4 +1,4 @@
-"""Glue rules (lrpjax.glue) against explicit float64 implementations on small models.
+"""Glue rules (lrpjax.core.glue) against explicit float64 implementations on small models.
 
 Each model is bias-free Dense layers with LRP-0 around one piece of glue. The relevance
 at the glue's output is read from the engine (the next layer's input relevance); the test

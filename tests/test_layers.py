@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from lrpjax.layers import few_channel_conv
 
 from lrpjax import layer_types
-from lrpjax.layers import few_channel_conv
 
 
 def _reference_conv(x, kernel, padding):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
+from lrpjax.linen import LinenModel, convert, from_linen
 
 import lrpjax
 from lrpjax import rules
-from lrpjax.linen import LinenModel, convert, from_linen
 
 N = 2
 
@@ -179,7 +179,7 @@ def test_nested_and_explicit_conversion_keep_the_paths():
         def __call__(self, x):
             return self.body(x)
 
-    calls = lrpjax.engine.layer_calls(Outer(), x)
+    calls = lrpjax.core.engine.layer_calls(Outer(), x)
     assert [path for path, _ in calls] == [f"body/{p}" for p in TRANSFORMER_PATHS]
     converted = convert(bridged, x)
     assert isinstance(converted, LinenModel)
@@ -203,7 +203,7 @@ def test_token_model_converts():
     converted = convert(bridged, tokens)
     assert isinstance(converted.Embed_0, nnx.Embed)
     _close(converted(tokens), bridged(tokens), 1e-6)
-    paths = [path for path, _ in lrpjax.engine.layer_calls(bridged, tokens)]
+    paths = [path for path, _ in lrpjax.core.engine.layer_calls(bridged, tokens)]
     assert paths == ["Embed_0", "Dense_0"]
 
 

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from lrpjax.layers import Flatten
 
 import lrpjax
 from lrpjax import baselines, metrics
-from lrpjax.layers import Flatten
 
 # Per-pixel weights of class 0 on a 4x4x1 image, in four 2x2 regions: 4, 2, 1 and 0.
 REGION_WEIGHTS = np.array([[4.0, 2.0], [1.0, 0.0]])

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from lrpjax.layers import Flatten, MaxPool, ReLU, max_pool
 
 from lrpjax import models
-from lrpjax.layers import Flatten, MaxPool, ReLU, max_pool
 from lrpjax.models import MiniVGG, ModelFileError
 
 EXPECTED_LAYERS = (

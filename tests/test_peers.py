@@ -1,4 +1,4 @@
-"""`lrpjax.peers`: the miniVGG in PyTorch and LRP in Zennit agree with lrpjax; and
+"""`lrpjax.peers.zennit`: the miniVGG in PyTorch and LRP in Zennit agree with lrpjax; and
 ``lrpjax bench --peer zennit`` without PyTorch fails with the install command."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import lrpjax
-from lrpjax import cli, data
+from lrpjax import data
+from lrpjax.commands import main as cli
 
 IMAGES = 3  # shipped CIFAR-10 images: real ones, with the flat regions that tie max-pools
 
@@ -22,7 +23,7 @@ IMAGES = 3  # shipped CIFAR-10 images: real ones, with the flat regions that tie
 def peers():
     pytest.importorskip("torch")
     pytest.importorskip("zennit")
-    from lrpjax import peers
+    from lrpjax.peers import zennit as peers
 
     return peers
 

@@ -1,4 +1,4 @@
-"""`lrpjax.pipeline.explain_dataset`: sharding over devices, memmapped output, restarts."""
+"""`lrpjax.runs.pipeline.explain_dataset`: sharding over devices, memmapped output, restarts."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import pytest
 from flax import nnx
 
 import lrpjax
-from lrpjax import models, pipeline
+from lrpjax import models
 from lrpjax.data import sample
+from lrpjax.runs import pipeline
 
 SETTINGS = {"model": "test", "data": "test", "composite": "epsilon"}
 
@@ -65,7 +66,8 @@ EIGHT_DEVICES = textwrap.dedent(
     import json, sys
     import jax
     import numpy as np
-    from lrpjax import models, pipeline
+    from lrpjax import models
+    from lrpjax.runs import pipeline
 
     assert jax.device_count() == 8, jax.devices()
     folder = sys.argv[1]

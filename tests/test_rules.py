@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from lrpjax import rules
 from lrpjax.layer_types import LayerError
 from lrpjax.layers import MaxPool
+
+from lrpjax import rules
 
 # --- the independent reference --------------------------------------------------------
 

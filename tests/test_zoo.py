@@ -104,7 +104,7 @@ def test_keyword_arguments_reach_the_layers():
     layers are called as the model calls them, here with train=True's opposite."""
     model = zoo.make("resnet")
     x = zoo.example_input("resnet", 2)
-    calls = dict(lrpjax.engine.layer_calls(model, jnp.asarray(x)))
+    calls = dict(lrpjax.core.engine.layer_calls(model, jnp.asarray(x)))
     assert isinstance(calls["block0/bn1"], nnx.BatchNorm)
     R = lrpjax.explain(model, x)
     assert np.all(np.isfinite(np.asarray(R)))

@@ -30,7 +30,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lrpjax import baselines, compilation, models
+from lrpjax import models
+from lrpjax.analysis import baselines
+from lrpjax.core import compilation
 
 __all__ = [
     "MODELS",

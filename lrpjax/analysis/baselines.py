@@ -17,7 +17,7 @@ Noise (SmoothGrad, the random map) is drawn from a key derived from ``seed`` and
 image's own bytes: the same image gets the same noise wherever it sits in a batch, so
 every explainer is batch-consistent and reproducible.
 
-`make` turns a spec string into an explainer, for the command line and `lrpjax.evaluate`:
+`make` turns a spec string into an explainer, for the command line and `lrpjax.analysis.evaluate`:
 
 - ``"gradient"``, ``"sensitivity"``, ``"gradient_x_input"``, ``"random"``;
 - ``"rollout"``, ``"rollout:token=cls"`` (attention rollout, for models with
@@ -52,8 +52,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lrpjax import composites as composites_lib
-from lrpjax import engine
+from lrpjax.core import composites as composites_lib
+from lrpjax.core import engine
 
 __all__ = [
     "EXPLAINERS",
@@ -473,7 +473,7 @@ def lrp(model: nnx.Module, composite: str = "epsilon", init: str = "logit", **pa
 
     Args:
       model: a Flax NNX model.
-      composite: a preset name of `lrpjax.composites.PRESETS`, called with ``**params``.
+      composite: a preset name of `lrpjax.core.composites.PRESETS`, called with ``**params``.
       init: output relevance (``"logit"``, ``"probability"``, ``"one"``, ``"sglrp"``).
       **params: the preset's keyword arguments (e.g. ``eps``, ``gamma``).
 

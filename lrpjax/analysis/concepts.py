@@ -68,9 +68,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lrpjax import compilation, engine, models, pipeline
-from lrpjax import composites as composites_lib
-from lrpjax.layer_types import LayerError
+from lrpjax import models
+from lrpjax.core import compilation, engine
+from lrpjax.core import composites as composites_lib
+from lrpjax.core.layer_types import LayerError
+from lrpjax.runs import pipeline
 
 __all__ = [
     "ChannelRelevance",
@@ -105,7 +107,7 @@ class ConceptLayer:
     """A layer of the model as CRP sees it.
 
     Attributes:
-      path: the layer's path, as in `lrpjax.engine.layer_calls` and the engine's ``masks``.
+      path: the layer's path, as in `lrpjax.core.engine.layer_calls` and the engine's ``masks``.
       kind: the layer's class name (``"Conv"``, ``"Linear"``, ...).
       shape: the layer's output for ONE input, e.g. (16, 16, 32) or (512,); the last axis
         is the channel axis.
@@ -142,7 +144,7 @@ def concept_layers(
     relevance can be read.
 
     The model is traced once on `x` (abstractly; nothing is computed) with
-    `lrpjax.engine.traced_units`. A layer's output relevance is the input relevance of layer
+    `lrpjax.core.engine.traced_units`. A layer's output relevance is the input relevance of layer
     M exactly when the layer's output is used once, as M's input (checked on the traced
     computation, so code between layers, a residual addition or a second use makes
     ``reader`` None). Layers called inside jit-compiled functions of the model are not
@@ -789,7 +791,7 @@ def concepts_dataset(
     ``concepts.json`` is written last, before the work folder is removed. Killed at any
     point, `out` holds either the previous complete result (with its ``concepts.json``) or
     no ``concepts.json`` and a work folder from which the same command resumes. The output
-    folder is locked (`lrpjax.pipeline.lock_output`) while the run lasts.
+    folder is locked (`lrpjax.runs.pipeline.lock_output`) while the run lasts.
 
     Output (per layer L, in ``out/L/``, "/" in paths written as "."):
       ``relevance.npy`` (N, C) channel relevance; ``activation.npy`` (N, C) largest

@@ -1,12 +1,12 @@
 """Composites: which rule explains which layer.
 
-A composite maps keys to rules (`lrpjax.rules`). A key is one of:
+A composite maps keys to rules (`lrpjax.core.rules`). A key is one of:
 
 - a layer path, ``"conv1"`` or ``"blocks/0/conv"``, or a glob over paths (``"block*/conv"``);
 - a position: `FIRST` (the first layer with parameters to see the input) or `LAST`
   (the last layer with parameters, which produces the output);
 - a layer type, e.g. ``nnx.Conv``; it also matches subclasses, the closest class winning;
-- a layer group (`lrpjax.layer_types.LayerGroup`: `DENSE`, `CONV`, `BATCH_NORMS`,
+- a layer group (`lrpjax.core.layer_types.LayerGroup`: `DENSE`, `CONV`, `BATCH_NORMS`,
   `LAYER_NORMS`), which the presets map: a type registered with
   `layer_types.register_affine` joins `DENSE` (or the group it names) and so every preset.
 
@@ -20,7 +20,7 @@ A layer with parameters and no rule is an error, never a silent guess. A module 
 sub-modules mapped by path or type (``{nnx.MultiHeadAttention: rules.gradient()}``) is
 explained as one unit with that rule; its inside is not walked.
 
-The model's code between layers (glue, `lrpjax.glue`) follows AttnLRP (Achtibat et al.
+The model's code between layers (glue, `lrpjax.core.glue`) follows AttnLRP (Achtibat et al.
 2024) unless the composite maps these keys: `ACTIVATION` (elementwise non-linearities:
 `rules.identity`), `PRODUCT` (products of two input-dependent tensors: `rules.uniform`) and
 `SOFTMAX` (`rules.gradient`, AttnLRP's softmax rule; `rules.hold_constant` for CP-LRP, as in
@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
-from lrpjax import canonizers, layer_types, rules
+from lrpjax.core import canonizers, layer_types, rules
 
 __all__ = [
     "ACTIVATION",
@@ -95,7 +95,7 @@ GLUE_DEFAULTS: dict[str, rules.Rule] = {
 
 class Composite(NamedTuple):
     """An ordered, hashable mapping of keys (path, position, type) to rules, and the
-    canonizers (`lrpjax.canonizers`) applied to the model before it is explained."""
+    canonizers (`lrpjax.core.canonizers`) applied to the model before it is explained."""
 
     name: str
     mapping: tuple[tuple[Any, RuleLike], ...]

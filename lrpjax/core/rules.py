@@ -5,14 +5,14 @@ one compiled explanation) with one pure backward. Called as ``rule(layer, a, R) 
 is the definition:
 
 - ``layer``: the layer (`nnx.Linear`, `nnx.Conv` of any dimension, `nnx.BatchNorm` in inference
-  mode, any type with an affine view in `lrpjax.layer_types`, a parameter-free layer such as
-  `lrpjax.layers.MaxPool`), a `layer_types.Bound` layer, or a function for glue rules;
+  mode, any type with an affine view in `lrpjax.core.layer_types`, a parameter-free layer such as
+  `lrpjax.core.layers.MaxPool`), a `layer_types.Bound` layer, or a function for glue rules;
 - ``a``: the layer's input activations, shape (N, ...) (a tuple for several inputs);
 - ``R``: the relevance at the layer's output, with the output's shape;
 - returns ``R_in``, the relevance at the layer's input, with the shape of ``a``.
 
 ``rule.backward(layer, a, y, c) -> (c_in, R_in)`` is what the engine calls: with
-:math:`c = R / y` the relevance per unit of output (see `lrpjax.engine`), it returns the
+:math:`c = R / y` the relevance per unit of output (see `lrpjax.core.engine`), it returns the
 relevance per unit of input :math:`c_{in}` and :math:`R_{in}`. The default derives it from
 the definition (:math:`c_{in} = R_{in} / a`); rules whose relevance is :math:`a \odot c` by
 construction override it with a form that takes :math:`z` from the layer's own output y
@@ -37,7 +37,7 @@ and no explicit weight matrix: a convolution's rule costs one convolution and it
 transpose.
 
 Glue rules (AttnLRP, Achtibat et al. 2024) apply to the model's code between layers
-(`lrpjax.glue`): `identity` for elementwise activations, `uniform` for products of two
+(`lrpjax.core.glue`): `identity` for elementwise activations, `uniform` for products of two
 input-dependent tensors, `gradient` for softmax (AttnLRP's softmax rule), `hold_constant`
 for CP-LRP's attention weights (Ali et al. 2022).
 
@@ -62,8 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrpjax.layer_types import Affine, LayerError, as_affine, unbound
-from lrpjax.layers import MaxPool, _unwindowed, _upsample, _window_axes, _windowed
+from lrpjax.core.layer_types import Affine, LayerError, as_affine, unbound
+from lrpjax.core.layers import MaxPool, _unwindowed, _upsample, _window_axes, _windowed
 
 __all__ = [
     "AlphaBeta",

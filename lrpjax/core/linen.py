@@ -12,7 +12,7 @@ its variables, is converted to an NNX model that computes the same function:
   relevance by these paths;
 - the Linen code around them (``nn.relu``, ``nn.max_pool``, reshapes, residual additions,
   the attention of ``nn.MultiHeadDotProductAttention``, parameter-free Linen modules) runs as
-  it is, and `lrpjax.glue` explains it as it does the code of an NNX model;
+  it is, and `lrpjax.core.glue` explains it as it does the code of an NNX model;
 - it is explained in eval mode whatever flags the code passes: batch-norm uses its running
   statistics, dropout (also inside attention) is off.
 
@@ -24,7 +24,7 @@ that holds variables itself (``nn.ConvTranspose``, ``nn.GroupNorm``, a user laye
 convolution mask), and Linen code that draws random numbers.
 
 This module knows Linen types only to name their NNX equivalents; how those are explained
-stays with `lrpjax.layer_types`.
+stays with `lrpjax.core.layer_types`.
 
 `lrpjax.explain` converts the ``ToNNX`` modules of a model by itself (`convert`), with the
 batch it explains; `lrpjax.explainer`, which sees no input, asks for ``convert(model, x)``.
@@ -34,8 +34,8 @@ Example::
     bridged = nnx.bridge.ToNNX(LinenCNN(), rngs=nnx.Rngs(0))
     nnx.bridge.lazy_init(bridged, x)
     R = lrpjax.explain(bridged, x)  # converted by itself
-    model = lrpjax.linen.convert(bridged, x)  # or once, e.g. for lrpjax.explainer
-    model = lrpjax.linen.from_linen(LinenCNN(), variables, x)  # from Linen's own variables
+    model = lrpjax.core.linen.convert(bridged, x)  # or once, e.g. for lrpjax.explainer
+    model = lrpjax.core.linen.from_linen(LinenCNN(), variables, x)  # from Linen's own variables
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from flax.core import meta, tracers
 from flax.linen import dtypes as linen_dtypes
 from flax.nnx.bridge import variables as bridge_variables
 
-from lrpjax.layer_types import LayerError
+from lrpjax.core.layer_types import LayerError
 
 __all__ = [
     "LAYERS",
@@ -415,7 +415,7 @@ def _check_owned(variables: Mapping, record: _Record) -> None:
             f"({', '.join(names)}) in code lrpjax cannot see into; lrpjax converts the Linen "
             f"layers {known} to NNX layers and explains the code between them. Build it "
             "from those layers, or write it as an NNX module with a rule "
-            "(lrpjax.layer_types.register_affine)"
+            "(lrpjax.core.layer_types.register_affine)"
         )
 
 
@@ -484,7 +484,7 @@ class LinenModel(nnx.Module):
             raise LayerError(
                 f"Linen {type(module).__name__} {_path_str(path)!r} was not called when the "
                 "model was converted; convert it with inputs that take this path "
-                "(lrpjax.linen.convert(model, x))"
+                "(lrpjax.core.linen.convert(model, x))"
             )
         node = self
         for key in path:
@@ -645,6 +645,6 @@ def check_converted(model: Any) -> None:
     if has_linen(model):
         raise LayerError(
             "the model holds a bridged Linen module (nnx.bridge.ToNNX); convert it first "
-            "with model = lrpjax.linen.convert(model, x) for an input batch x "
+            "with model = lrpjax.core.linen.convert(model, x) for an input batch x "
             "(lrpjax.explain does this by itself)"
         )

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
-from lrpjax.layer_types import LayerError
-from lrpjax.rules import HoldConstant, Rule
+from lrpjax.core.layer_types import LayerError
+from lrpjax.core.rules import HoldConstant, Rule
 
 __all__ = [
     "GATE_NAME",
@@ -334,7 +334,7 @@ def evaluate(
       args: values of its invars.
       relevant: which args carry relevance (input-dependent floating-point values).
       glue_rule: ``glue_rule(kind) -> Rule`` for ``"<activation>"``, ``"<product>"``,
-        ``"<softmax>"`` (`lrpjax.composites.Composite.glue_rule`).
+        ``"<softmax>"`` (`lrpjax.core.composites.Composite.glue_rule`).
       calls: the call equations (jit, ...) `jaxpr` is inside, for error messages.
 
     Returns:

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import baselines, compilation, engine
+from lrpjax.analysis import baselines
+from lrpjax.core import compilation, engine
 
 __all__ = [
     "REPLACEMENTS",
@@ -409,7 +410,7 @@ def model_randomization(
     Args:
       model: a Flax NNX model returning logits.
       images: (N, H, W, C) inputs (a few suffice; each stage explains all of them).
-      explainers: spec strings for `lrpjax.baselines.make`, or a mapping name -> spec or
+      explainers: spec strings for `lrpjax.analysis.baselines.make`, or a mapping name -> spec or
         ``(fn, state)`` with ``fn(state, x, target) -> (N, ...)`` and ``state`` the model's
         full `nnx.State` (randomized by path, so it must have the model's structure).
       target: (N,) or int classes; None or -1: the trained model's prediction.

@@ -1,10 +1,10 @@
 """``lrpjax evaluate``: compare explainers by region perturbation (AOPC) and sanity checks.
 
-For every explainer spec (`lrpjax.baselines.make`: LRP composites with their parameters
+For every explainer spec (`lrpjax.analysis.baselines.make`: LRP composites with their parameters
 and inits, and the baselines), the images are explained for the class the model predicts;
 the maps are scored by region perturbation, most relevant first (MoRF) and least relevant
 first (LeRF), and by the cascading model-randomization check on the first few images
-(`lrpjax.metrics`). Written to the output folder:
+(`lrpjax.analysis.metrics`). Written to the output folder:
 
 - ``aopc.json``: settings, and per explainer the MoRF and LeRF AOPC (mean and standard
   error over images), the per-image difference MoRF - LeRF (mean, standard error), the
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import baselines, compilation, metrics
+from lrpjax.analysis import baselines, metrics
+from lrpjax.core import compilation
 
 __all__ = ["DEFAULT_EXPLAINERS", "add_parser", "evaluate", "explain_all", "predict", "table"]
 
@@ -79,7 +80,7 @@ def explain_all(
 ) -> np.ndarray:
     """Maps of all images from an explainer ``(fn, state)``, in batches.
 
-    The batch is divided by the explainer's passes per image (`lrpjax.baselines.passes`),
+    The batch is divided by the explainer's passes per image (`lrpjax.analysis.baselines.passes`),
     so that integrated gradients and SmoothGrad send about `batch_size` inputs through the
     model at a time.
 
@@ -153,10 +154,10 @@ def evaluate(
       model: a Flax NNX classifier returning logits.
       images: (N, H, W, C) inputs.
       labels: (N,) int labels (for the accuracy only), or None.
-      explainers: specs for `lrpjax.baselines.make` (e.g. ``"lrp:epsilon:init=sglrp"``).
+      explainers: specs for `lrpjax.analysis.baselines.make` (e.g. ``"lrp:epsilon:init=sglrp"``).
       out_dir: folder for aopc.json, aopc.md, curves.png, sanity.png (created).
       region, steps, replacement, score: region perturbation settings
-        (`lrpjax.metrics.region_perturbation`); steps None: all regions.
+        (`lrpjax.analysis.metrics.region_perturbation`); steps None: all regions.
       orders: which orders to run, of ``"morf"``, ``"lerf"``.
       batch_size: inputs per model pass.
       sanity_images: images (the first ones) for the randomization check; 0 skips it.
@@ -389,7 +390,7 @@ def add_parser(sub) -> None:
         "smoothgrad:samples=8,noise=0.2 (parameters follow their name), lrp:epsilon:eps=0.25, "
         "lrp:epsilon:init=sglrp; known: " + ", ".join(baselines.known_specs()),
     )
-    from lrpjax.cli_common import add_data_arguments, add_model_arguments
+    from lrpjax.commands.common import add_data_arguments, add_model_arguments
 
     add_data_arguments(p, verb="use")
     add_model_arguments(p)
@@ -440,8 +441,8 @@ def _split_specs(text: str) -> list[str]:
 
 def run(args) -> int:
     """Run ``lrpjax evaluate`` from parsed arguments."""
-    from lrpjax.cli_common import CLIError, check_writable, fit_data, load_data, load_model
-    from lrpjax.pipeline import lock_output
+    from lrpjax.commands.common import CLIError, check_writable, fit_data, load_data, load_model
+    from lrpjax.runs.pipeline import lock_output
 
     specs = _split_specs(args.explainers)
     if not specs:

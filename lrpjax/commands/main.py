@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from lrpjax.cli_common import (
+from lrpjax.commands.common import (
     ArgumentParser,
     CLIError,
     add_data_arguments,
@@ -30,7 +30,7 @@ COMPARE = "epsilon"
 
 def _explain_parser(sub) -> None:
     from lrpjax import INITS
-    from lrpjax.composites import DEFAULT, PRESETS
+    from lrpjax.core.composites import DEFAULT, PRESETS
 
     p = sub.add_parser(
         "explain",
@@ -77,7 +77,7 @@ def _explain_parser(sub) -> None:
 
 def cmd_explain(args) -> int:
     """Run ``lrpjax explain`` from parsed arguments."""
-    from lrpjax.composites import DEFAULT
+    from lrpjax.core.composites import DEFAULT
 
     check_rules(args.composite, args.init)
     if args.batch_size < 1:
@@ -89,7 +89,7 @@ def cmd_explain(args) -> int:
     process, processes = 0, 1
     if args.distributed:  # before anything touches a JAX backend (loading the model does)
         process, processes = init_distributed(args.coordinator, args.num_processes, args.process_id)
-    from lrpjax import pipeline
+    from lrpjax.runs import pipeline
 
     out = Path(args.out)
     # With several processes, an error on one ends them all with its message.
@@ -140,7 +140,7 @@ def cmd_explain(args) -> int:
 
 def _concepts_parser(sub) -> None:
     from lrpjax import INITS
-    from lrpjax.composites import PRESETS
+    from lrpjax.core.composites import PRESETS
 
     p = sub.add_parser(
         "concepts",
@@ -176,7 +176,7 @@ def _concepts_parser(sub) -> None:
 
 def cmd_concepts(args) -> int:
     """Run ``lrpjax concepts`` from parsed arguments."""
-    from lrpjax import concepts
+    from lrpjax.analysis import concepts
 
     check_rules(args.composite, args.init)
     for flag in ("batch_size", "top_k", "atlas_channels", "atlas_images"):
@@ -230,13 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     _explain_parser(sub)
     _concepts_parser(sub)
     try:
-        from lrpjax import bench
+        from lrpjax.bench import speed as bench
 
         bench.add_parser(sub)
     except ImportError:
         pass
     try:
-        from lrpjax import evaluate
+        from lrpjax.analysis import evaluate
 
         evaluate.add_parser(sub)
     except ImportError:
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     from lrpjax import LayerError
     from lrpjax.data import DataUnavailableError
     from lrpjax.models import ModelFileError
-    from lrpjax.pipeline import OutputLockedError, ProcessFailedError
+    from lrpjax.runs.pipeline import OutputLockedError, ProcessFailedError
 
     try:
         if args.command == "explain":

@@ -2,7 +2,7 @@
 
 Each method is one jit-compiled function of (state, x): the forward pass with `jax.jit`,
 every method with a backward pass with `lrpjax.jit` (the same XLA options for the gradient
-as for LRP; see `lrpjax.compilation`). Compile time is measured apart
+as for LRP; see `lrpjax.core.compilation`). Compile time is measured apart
 (first call, blocked on); run time is the median of `repeats` calls after warm-up, each
 blocked on with `block_until_ready`. Ratios are taken within one run, on one device, so
 they hold on a shared, noisy machine where absolute times do not.
@@ -24,7 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import baselines, cli_common, compilation, models, zoo
+from lrpjax import models, zoo
+from lrpjax.analysis import baselines
+from lrpjax.commands import common as cli_common
+from lrpjax.core import compilation
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -58,7 +61,7 @@ def method_fn(model: nnx.Module, method: str) -> tuple[Callable, nnx.State]:
     """A pure function ``f(state, x)`` for a method name, and the state to call it with.
 
     Methods: ``forward``; ``gradient`` (gradient x input of the predicted logit, by
-    `jax.vjp`: the reference of the ratios); any explainer spec of `lrpjax.baselines.make`
+    `jax.vjp`: the reference of the ratios); any explainer spec of `lrpjax.analysis.baselines.make`
     (``lrp:<composite>[:params]``, ``smoothgrad:samples=8``, ...), explaining the
     predicted class. The training step is timed by `train_throughput`.
     """
@@ -199,7 +202,7 @@ def fidelity(
     Args:
       model: the model (float32).
       images: (N, H, W, C) float32 images.
-      methods: explainer specs of `lrpjax.baselines.make` (``lrp:<preset>``, ...).
+      methods: explainer specs of `lrpjax.analysis.baselines.make` (``lrp:<preset>``, ...).
       dtype: the reduced precision, e.g. ``"bfloat16"``.
       region: side of a flipped region in pixels.
 
@@ -209,7 +212,7 @@ def fidelity(
       (per image, ``||R_dtype - R_float32|| / ||R_float32||``), ``aopc_float32``,
       ``aopc_<dtype>`` and their standard errors ``..._se``.
     """
-    from lrpjax import metrics
+    from lrpjax.analysis import metrics
 
     x32 = jnp.asarray(images, jnp.float32)
     # Both maps explain the class float32 predicts (the low-precision model may predict
@@ -329,8 +332,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if args.peer:  # lrpjax bench --peer zennit: see lrpjax.peers
-        from lrpjax import peers
+    if args.peer:  # lrpjax bench --peer zennit: see lrpjax.peers.zennit
+        from lrpjax.peers import zennit as peers
 
         return peers.cli(args)
     args.batch_sizes = args.batch_sizes or "1,64,256,1024"

@@ -1,7 +1,6 @@
 """What the ``lrpjax`` subcommands share: input errors, model and data options, distributed setup.
 
-`lrpjax.cli` (``lrpjax explain``) and `lrpjax.evaluate` (``lrpjax evaluate``) both import
-this module; it imports neither of them.
+Every subcommand's module imports this one; it imports none of them.
 """
 
 from __future__ import annotations
@@ -104,7 +103,8 @@ def check_rules(composite: str, init: str) -> None:
     Raises:
       CLIError: naming the choices.
     """
-    from lrpjax import INITS, composites
+    from lrpjax import INITS
+    from lrpjax.core import composites
 
     if composite not in composites.PRESETS:
         raise CLIError(

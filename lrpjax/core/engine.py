@@ -5,7 +5,7 @@ layer (a module with no sub-modules, or a module the composite maps as one unit)
 replaced by a `_Probe` that calls it, with the arguments the model passes, through a
 `jax.custom_vjp`: the forward value is the layer's own, the backward applies the layer's
 rule. What flows backwards between layers is :math:`c = R / a`, the relevance per unit of
-activation. The forward pass is traced to a jaxpr and evaluated again by `lrpjax.glue`, which
+activation. The forward pass is traced to a jaxpr and evaluated again by `lrpjax.core.glue`, which
 lets ordinary autodiff handle the linear and homogeneous glue code (reshapes, residual
 additions, ReLUs written as functions), where it is conservative: at a sum
 :math:`a_1 + a_2` each summand gets :math:`R_i = a_i c`, its proportional share. Elementwise
@@ -47,11 +47,11 @@ import numpy as np
 from flax import nnx
 from jax.extend import core as jax_core
 
-from lrpjax import compilation, glue, layer_types
-from lrpjax import composites as composites_lib
-from lrpjax import linen as linen_lib
-from lrpjax import rules as rules_lib
-from lrpjax.layer_types import LayerError
+from lrpjax.core import compilation, glue, layer_types
+from lrpjax.core import composites as composites_lib
+from lrpjax.core import linen as linen_lib
+from lrpjax.core import rules as rules_lib
+from lrpjax.core.layer_types import LayerError
 
 __all__ = [
     "INITS",
@@ -136,7 +136,7 @@ def _units(
     """Paths of the modules explained as one unit each: layers (no sub-modules) with a rule
     or parameters, and modules the composite maps by path or type (not walked into).
     Parameter-free modules of unknown type, and those in `glue_paths`, are glue:
-    `lrpjax.glue` handles their code."""
+    `lrpjax.core.glue` handles their code."""
     found = []
 
     def walk(path: tuple, module: nnx.Module) -> None:
@@ -554,7 +554,7 @@ def _resolve_rules(plan: _Plan, composite: composites_lib.Composite) -> dict[str
         if rule is None:
             raise LayerError(
                 f"no rule for layer {path!r} ({type(layer).__name__}) in composite "
-                f"{composite.name}: map its type or path to a rule from lrpjax.rules"
+                f"{composite.name}: map its type or path to a rule from lrpjax.core.rules"
             )
         resolved[path] = rule
     for key in composite.path_keys():
@@ -576,7 +576,7 @@ def explainer(
     """The explanation as a pure function, for `jax.jit`, `jax.vmap` and sharding.
 
     Compile it with `lrpjax.jit` (`jax.jit` with the XLA options lrpjax uses on CPU, about
-    1.8x faster there; see `lrpjax.compilation`) or with `jax.jit` itself.
+    1.8x faster there; see `lrpjax.core.compilation`) or with `jax.jit` itself.
 
     Args:
       model: a Flax NNX model (its current state is taken; it is explained in eval mode).
@@ -662,7 +662,7 @@ def _explain_fn(graphdef, composite, init, layerwise) -> Callable:
 @lru_cache(maxsize=64)
 def _jitted(graphdef, composite, init, layerwise, options):
     """`options` (the compiler options, as a tuple) only keys the cache: switching them with
-    `lrpjax.compilation.jax_defaults` gives another compiled function."""
+    `lrpjax.core.compilation.jax_defaults` gives another compiled function."""
     del options
     return compilation.jit(_explain_fn(graphdef, composite, init, layerwise))
 
@@ -802,16 +802,16 @@ def explain(
     """Explain a batch of predictions with LRP.
 
     Args:
-      model: a Flax NNX model built from layers lrpjax knows (`lrpjax.layer_types`: dense,
+      model: a Flax NNX model built from layers lrpjax knows (`lrpjax.core.layer_types`: dense,
         convolution, normalisation, embedding, pooling, dropout) and glue code between them
-        (`lrpjax.glue`: activations, residual additions, attention, reshapes); explained in
+        (`lrpjax.core.glue`: activations, residual additions, attention, reshapes); explained in
         eval mode.
       x: (N, ...) batch of inputs: finite floats, or integer token ids for a model whose
         input layer is an `nnx.Embed`.
-      composite: a preset name (default `lrpjax.composites.DEFAULT`,
+      composite: a preset name (default `lrpjax.core.composites.DEFAULT`,
         ``"epsilon_gamma_box"``: z^B on the input layer, gamma on convolutions, epsilon on
         dense layers; ``"epsilon"`` for LRP-epsilon everywhere, ``"zero"`` for LRP-0), a
-        `lrpjax.composites.Composite`, or a dict of layer type / group / path / position ->
+        `lrpjax.core.composites.Composite`, or a dict of layer type / group / path / position ->
         rule. A path key that matches no layer is an error.
       target: None (the predicted class), an int, an (N,) int array, or an (N, K) int
         array for K explanations per image from one forward pass.

@@ -57,7 +57,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lrpjax import compilation, composites, engine, models, viz
+from lrpjax.core import compilation, composites, engine
+from lrpjax import models, viz
 
 __all__ = [
     "ARRAYS",

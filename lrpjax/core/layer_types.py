@@ -1,7 +1,7 @@
 """Layer types: the one module that knows which Flax NNX layers lrpjax explains, and how.
 
 - `as_affine`: a linear layer as ``apply(a, kernel, bias) = a W + b`` with replaceable
-  weights, the view every linear rule of `lrpjax.rules` works on. One registry entry per
+  weights, the view every linear rule of `lrpjax.core.rules` works on. One registry entry per
   layer type (`register_affine`); a new linear layer type is one entry.
 - Type groups the presets map (`LayerGroup`: `DENSE`, `CONV`, `BATCH_NORMS`, `LAYER_NORMS`;
   `register_affine` adds a new type to one, `DENSE` unless told otherwise), the
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax.layers import FEW_CHANNELS, Flatten, MaxPool, ReLU, few_channel_conv
+from lrpjax.core.layers import FEW_CHANNELS, Flatten, MaxPool, ReLU, few_channel_conv
 
 __all__ = [
     "BATCH_NORMS",
@@ -201,7 +201,7 @@ def as_affine(layer: Any, a: Array | None = None) -> Affine:
     if view is None:
         raise LayerError(
             f"{type(unbound(layer)).__name__} is not a linear layer lrpjax knows; "
-            "register it with lrpjax.layer_types.register_affine"
+            "register it with lrpjax.core.layer_types.register_affine"
         )
     return view(unbound(layer), a)
 

@@ -15,11 +15,11 @@ How both sides are made to compute the same explanation (`zennit_composite`,
   ``low=0, high=1``, ``EpsilonAlpha2Beta1``; for plain epsilon, which Zennit has no class
   for, a ``LayerMapComposite`` of ``Epsilon`` on convolutions and dense layers) are built
   with the parameters of the rules lrpjax resolves for each layer
-  (`lrpjax.composites.Composite.rule_for`), and each layer's Zennit hook is checked
+  (`lrpjax.core.composites.Composite.rule_for`), and each layer's Zennit hook is checked
   against lrpjax's rule (the report lists the pairs). The first layer is the same in both
   (the first convolution), and so are the stabilisers: ``z + eps * sign(z)``, sign(0) = +1.
 - **Batch-norm.** lrpjax's presets explain batch-norm with LRP-epsilon (the shift absorbs
-  its share of relevance) and carry the `lrpjax.canonizers.MergeBatchNorm` canonizer;
+  its share of relevance) and carry the `lrpjax.core.canonizers.MergeBatchNorm` canonizer;
   Zennit's presets pass relevance through batch-norm unchanged (``Pass``) and merge it with
   ``SequentialMergeBatchNorm`` only where it directly follows a linear layer, which in the
   miniVGG's Conv-ReLU-BN blocks is nowhere. So Zennit gets batch-norm -> ``Epsilon`` (the
@@ -67,18 +67,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import (
-    baselines,
-    bench,
-    canonizers,
-    compilation,
-    composites,
-    data,
-    layer_types,
-    models,
-    rules,
-)
-from lrpjax.layers import Flatten, MaxPool, ReLU
+from lrpjax import data, models
+from lrpjax.analysis import baselines
+from lrpjax.bench import speed as bench
+from lrpjax.core import canonizers, compilation, composites, layer_types, rules
+from lrpjax.core.layers import Flatten, MaxPool, ReLU
 
 __all__ = [
     "INSTALL_HINT",
@@ -161,7 +154,7 @@ def _tensor(a: Any, dtype: str) -> Any:
 
 
 def _flatten_nhwc() -> Any:
-    """A torch module flattening NCHW activations in NHWC order, as `lrpjax.layers.Flatten`
+    """A torch module flattening NCHW activations in NHWC order, as `lrpjax.core.layers.Flatten`
     flattens NHWC ones (so the dense kernel's rows need no permutation)."""
     torch, _ = require_zennit()
 
@@ -173,7 +166,7 @@ def _flatten_nhwc() -> Any:
 
 
 def _max_pool_sharing_ties(window: tuple[int, int]) -> Any:
-    """A torch 2-D max-pool whose gradient shares ties equally, as `lrpjax.layers.max_pool`
+    """A torch 2-D max-pool whose gradient shares ties equally, as `lrpjax.core.layers.max_pool`
     does (``torch.nn.MaxPool2d`` gives all of it to the first maximum of each window).
 
     Ties are common in real images: flat regions (sky, white backgrounds, saturated
@@ -270,7 +263,7 @@ def torch_model(model: nnx.Module, dtype: str = "float32", share_ties: bool = Fa
       model: an NNX model that runs its layers in sequence and names them in a ``LAYERS``
         attribute (`lrpjax.models.MiniVGG`): 2-D `nnx.Conv` (SAME with odd windows, or
         VALID), `nnx.Linear`, `nnx.BatchNorm` (inference mode: running statistics and its
-        epsilon), `lrpjax.layers.ReLU`, `MaxPool`, `Flatten` and `nnx.Dropout`.
+        epsilon), `lrpjax.core.layers.ReLU`, `MaxPool`, `Flatten` and `nnx.Dropout`.
       dtype: ``"float32"`` or ``"float64"``.
       share_ties: max-pooling whose gradient shares ties in a window equally, as lrpjax's
         does, instead of ``torch.nn.MaxPool2d`` (which gives it all to the first maximum).
@@ -541,7 +534,7 @@ def canonized(model: nnx.Module, x: jax.Array | np.ndarray, composite: composite
 
     Returns:
       ``(model copy, merged)``: the canonized copy in eval mode, and the batch-norm pairs
-      `lrpjax.canonizers.MergeBatchNorm` merged, as ``"bn -> layer"`` / ``"layer -> bn"``.
+      `lrpjax.core.canonizers.MergeBatchNorm` merged, as ``"bn -> layer"`` / ``"layer -> bn"``.
     """
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state, copy=True)
@@ -1000,16 +993,16 @@ def cli(args: Any) -> int:
     `run_peer`, the JSON report to ``--json``, the tables printed.
 
     Args:
-      args: the ``bench`` subcommand's arguments (`lrpjax.bench.add_parser`).
+      args: the ``bench`` subcommand's arguments (`lrpjax.bench.speed.add_parser`).
 
     Returns:
       The exit status, 0.
 
     Raises:
-      lrpjax.cli_common.CLIError: PyTorch or Zennit missing (with the install command), or
+      lrpjax.commands.common.CLIError: PyTorch or Zennit missing (with the install command), or
         options the comparison does not take; printed as one line by the CLI.
     """
-    from lrpjax.cli_common import CLIError
+    from lrpjax.commands.common import CLIError
 
     try:
         require_zennit()

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import layer_types
+from lrpjax.core import layer_types
 
 __all__ = ["MergeBatchNorm", "merge_batchnorm", "with_canonizers"]
 
@@ -182,7 +182,7 @@ def merge_batchnorm() -> MergeBatchNorm:
 
 def with_canonizers(composite, *canonizers):
     """The composite (a preset name, `Composite` or dict) with canonizers added."""
-    from lrpjax import composites
+    from lrpjax.core import composites
 
     base = composites.get(composite)
     return base._replace(canonizers=(*base.canonizers, *canonizers))

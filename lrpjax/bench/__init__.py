@@ -1,0 +1,1 @@
+"""Benchmarks: lrpjax's speed and numerical fidelity, measured (never asserted)."""

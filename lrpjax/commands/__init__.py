@@ -1,0 +1,1 @@
+"""The ``lrpjax`` command line: `main` and one module per subcommand."""

@@ -1,0 +1,1 @@
+"""Bridges to peer libraries, for agreement and speed comparisons (optional extras)."""
