@@ -12,15 +12,33 @@ of magnitude (on the shipped MiniVGG the logits reach ~1e3): explainers that sta
 softmax (LRP with ``init="sglrp"`` or ``"probability"``) may then give all-zero maps, which
 count as changed (rank correlation 0 against a non-constant map).
 
+Random logit (Sixt et al. 2020; `random_logit`). The map of the explained class t is
+compared with the map of a class drawn uniformly from the others (with a ``jax.random``
+key, per image) by the structural similarity (`ssim`) of the two channel-summed maps,
+each normalised by its largest absolute value (Quantus's default ``normalise_by_max``);
+an explanation that is the same whatever class it explains does not explain the class
+(high similarity: lower is better). SSIM (Wang et al. 2004) is computed over 2-D windows,
+as ``skimage.metrics.structural_similarity``: by default with Wang et al.'s Gaussian
+window (sigma 1.5, 11 x 11, population covariances, as skimage's ``gaussian_weights=True,
+use_sample_covariance=False``), or ``window="uniform"`` for skimage's default (7 x 7
+uniform window, sample covariances); with :math:`K_1 = 0.01`, :math:`K_2 = 0.03`, the data
+range L that Quantus passes (the largest minus the smallest entry of the two maps
+together), and the mean over the windows that fit inside the map (skimage's cropped
+mean). Quantus scores the flattened maps (a 1-D SSIM along the rows); this scores them as
+images. ``similarity="spearman"`` scores the Spearman rank correlation instead.
+
 References:
   Adebayo, Gilmer, Muelly, Goodfellow, Hardt, Kim (2018). Sanity checks for saliency maps.
-  NeurIPS.
+  NeurIPS. Sixt, Granz, Landgraf (2020). When explanations lie: why many modified BP
+  attributions fail. ICML. Wang, Bovik, Sheikh, Simoncelli (2004). Image quality
+  assessment: from error visibility to structural similarity. IEEE TIP 13(4), 600-612.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +46,21 @@ import numpy as np
 from flax import nnx
 
 from lrpjax.analysis import baselines
+from lrpjax.analysis.metrics.registry import register
 from lrpjax.core import compilation, engine
 
-__all__ = ["layer_order", "model_randomization", "randomize_layers", "spearman"]
+__all__ = [
+    "SSIM_WINDOWS",
+    "layer_order",
+    "model_randomization",
+    "random_logit",
+    "randomize_layers",
+    "spearman",
+    "ssim",
+]
+
+#: SSIM windows: name -> (side, Gaussian sigma or None for uniform, sample covariance).
+SSIM_WINDOWS = {"gaussian": (11, 1.5, False), "uniform": (7, None, True)}
 
 
 def _has_params(module: nnx.Module) -> bool:
@@ -233,3 +263,137 @@ def model_randomization(
         "and randomized model's channel-summed maps (absolute values; signed in "
         "correlation_signed)",
     }
+
+
+# --- random logit ----------------------------------------------------------------------
+
+
+def _ssim_window(window: str) -> tuple[np.ndarray, float]:
+    """The (side, side) window weights (summing to 1) and the covariance factor."""
+    if window not in SSIM_WINDOWS:
+        raise ValueError(f"unknown SSIM window {window!r}; choose from {', '.join(SSIM_WINDOWS)}")
+    side, sigma, sample = SSIM_WINDOWS[window]
+    r = np.arange(side) - side // 2
+    g = np.ones(side) if sigma is None else np.exp(-0.5 * (r / sigma) ** 2)
+    kernel = np.outer(g, g) / np.outer(g, g).sum()
+    return kernel, (side * side / (side * side - 1) if sample else 1.0)
+
+
+@functools.partial(jax.jit, static_argnames="cov_norm")
+def _ssim(a: jax.Array, b: jax.Array, kernel: jax.Array, cov_norm: float) -> jax.Array:
+    both = jnp.concatenate([a, b], axis=1)
+    L = both.max(axis=(1, 2)) - both.min(axis=(1, 2))
+    c1 = ((0.01 * L) ** 2)[:, None, None]
+    c2 = ((0.03 * L) ** 2)[:, None, None]
+
+    def filt(z):  # (N, H, W) -> (N, H - side + 1, W - side + 1), the valid windows
+        return jax.lax.conv_general_dilated(
+            z[:, None], kernel[None, None], (1, 1), "VALID", precision=jax.lax.Precision.HIGHEST
+        )[:, 0]
+
+    ua, ub = filt(a), filt(b)
+    va = cov_norm * (filt(a * a) - ua * ua)
+    vb = cov_norm * (filt(b * b) - ub * ub)
+    vab = cov_norm * (filt(a * b) - ua * ub)
+    s = ((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua * ua + ub * ub + c1) * (va + vb + c2))
+    return jnp.where(L > 0, s.mean(axis=(1, 2)), 1.0)
+
+
+def ssim(
+    a: np.ndarray | jax.Array, b: np.ndarray | jax.Array, *, window: str = "gaussian"
+) -> np.ndarray:
+    """Structural similarity per pair of (N, H, W) maps; see the module docstring.
+
+    Args:
+      a, b: (N, H, W) maps.
+      window: a key of `SSIM_WINDOWS`: ``"gaussian"`` (Wang et al. 2004) or ``"uniform"``
+        (skimage's default).
+
+    Returns:
+      (N,) SSIM in [-1, 1] (1: identical; also for two equal constant maps), float64.
+
+    Raises:
+      ValueError: an unknown window, maps of different or non-(N, H, W) shapes, or maps
+        smaller than the window.
+    """
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"ssim takes two (N, H, W) maps of one shape, not {a.shape}, {b.shape}")
+    kernel, cov_norm = _ssim_window(window)
+    if min(a.shape[1:]) < len(kernel):
+        raise ValueError(
+            f"maps of {a.shape[1]} x {a.shape[2]} are smaller than the {window} SSIM window "
+            f"({len(kernel)} x {len(kernel)}); use a smaller window or the spearman similarity"
+        )
+    dtype = jnp.promote_types(a.dtype, jnp.float32)
+    out = _ssim(a.astype(dtype), b.astype(dtype), jnp.asarray(kernel, dtype), cov_norm)
+    return np.asarray(out, np.float64)
+
+
+def _normalise_by_max(a: np.ndarray) -> np.ndarray:
+    peak = np.abs(a).reshape(len(a), -1).max(-1).reshape((-1,) + (1,) * (a.ndim - 1))
+    return np.where(peak > 0, a / np.where(peak > 0, peak, 1), a)
+
+
+@register(
+    "random_logit",
+    family="randomisation",
+    higher_is_better=False,
+    reference="Sixt et al. 2020",
+    needs_explain=True,
+)
+def random_logit(
+    model,
+    x,
+    maps,
+    target,
+    *,
+    explain: Callable | None = None,
+    key: jax.Array | None = None,
+    similarity: str = "ssim",
+    window: str = "gaussian",
+    normalise: bool = True,
+) -> np.ndarray:
+    """Similarity of the map to the map of a random other class; see the module docstring.
+
+    The other class of image i is ``(t_i + u_i) % C`` with :math:`u_i` uniform in
+    1..C-1 (``jax.random.randint`` with `key`), C the model's number of logits.
+
+    Args:
+      model: a Flax NNX model returning logits (N, C), C >= 2.
+      x: (N, ...) inputs.
+      maps: (N, H, W, C) or (N, H, W) relevance for `target`.
+      target: (N,) or int explained classes (None or -1: the predicted class).
+      explain: ``explain(x, target) -> maps``, the explainer of `maps` (required).
+      key: ``jax.random`` key of the draw (default key 0).
+      similarity: ``"ssim"`` (`ssim`, Quantus's default) or ``"spearman"`` (`spearman`).
+      window: the SSIM window (`SSIM_WINDOWS`).
+      normalise: divide each map by its largest absolute value first (Quantus's default).
+
+    Returns:
+      (N,) similarities (float64): lower is more class-sensitive.
+
+    Raises:
+      ValueError: no explain, fewer than 2 classes, or an unknown similarity.
+    """
+    if explain is None:
+        raise ValueError("random_logit needs explain(x, target) -> maps")
+    if similarity not in ("ssim", "spearman"):
+        raise ValueError(f"unknown similarity {similarity!r}; choose from ssim, spearman")
+    from lrpjax.analysis.metrics.axiomatic import logits, resolve_target  # (imports this)
+
+    x = jnp.asarray(x)
+    scores = logits(model, x)
+    n, classes = scores.shape
+    if classes < 2:
+        raise ValueError("random_logit needs a model with at least 2 classes")
+    t = resolve_target(target, scores)
+    step = jax.random.randint(jax.random.key(0) if key is None else key, (n,), 1, classes)
+    other = ((t + np.asarray(step)) % classes).astype(np.int32)
+    a = _pixel_maps(maps)
+    b = _pixel_maps(explain(x, jnp.asarray(other)))
+    if normalise:
+        a, b = _normalise_by_max(a), _normalise_by_max(b)
+    if similarity == "spearman":
+        return spearman(a, b)
+    return ssim(a, b, window=window)
