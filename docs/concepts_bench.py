@@ -1,6 +1,6 @@
 """Benchmark of `lrpjax.concepts` on the shipped miniVGG (numbers in the README).
 
-1. One batch step: plain LRP-epsilon (`lrpjax.runs.pipeline.make_step`, what ``lrpjax explain``
+1. One batch step: plain LRP-epsilon (`lrpjax.runs.explain.make_step`, what ``lrpjax explain``
    runs) against the channel relevance of every layer whose output relevance can be read,
    without and with the activations (what ``lrpjax concepts`` runs).
 2. Conditional heatmaps for 64 channels of one batch in one compiled call (`jax.vmap` over
@@ -24,7 +24,7 @@ import numpy as np
 
 import lrpjax
 from lrpjax import concepts
-from lrpjax.runs import pipeline
+from lrpjax.runs import explain
 
 
 def _median_seconds(fn, args: tuple, repeats: int) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     readable = {p: i for p, i in layers.items() if i.reader}
     result = {"device": str(jax.devices()[0]), "cpu": platform.processor(), "batch": len(x)}
 
-    step, state, _ = pipeline.make_step(model, "epsilon", "logit")
+    step, state, _ = explain.make_step(model, "epsilon", "logit")
     result["explain_s"] = _median_seconds(step, (state, x, t), args.repeats)
     for name, acts in (("channels_s", False), ("channels_activations_s", True)):
         fn, st = concepts.channel_explainer(model, readable, activations=acts)

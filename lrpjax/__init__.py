@@ -33,7 +33,15 @@ from lrpjax.core import (
     rules,
 )
 from lrpjax.core.compilation import jit
-from lrpjax.core.engine import INITS, Explanation, LayerError, explain, explainer, output_relevance
+from lrpjax.core.engine import (
+    INITS,
+    Explanation,
+    LayerError,
+    explain,
+    explainer,
+    output_relevance,
+    resolve_rules,
+)
 
 #: Short names of public sub-modules: ``import lrpjax.rules`` is ``lrpjax.core.rules``.
 for _module in (
@@ -84,6 +92,7 @@ __all__ = [
     "metrics",
     "models",
     "output_relevance",
+    "resolve_rules",
     "rules",
     "viz",
     "zoo",

@@ -44,6 +44,7 @@ __all__ = [
     "MiniVGG",
     "ModelFileError",
     "ShippedModel",
+    "cast",
     "check_images",
     "class_names_of",
     "import_factory",
@@ -248,6 +249,26 @@ class CCT(nnx.Module):
 def count_params(model: nnx.Module) -> int:
     """Number of trainable parameters (`nnx.Param` entries) of a model."""
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def cast(model, dtype):
+    """A model, or a model's state, with its floating-point arrays in `dtype` (integers, keys
+    and the like unchanged).
+
+    An input cast alone would be promoted back to the float32 of the weights: to run a model
+    in bfloat16 or float64, cast its weights and statistics too.
+
+    Args:
+      model: an `nnx.Module` (a copy is returned; the model is unchanged), or any pytree of
+        arrays such as an `nnx.State` from `nnx.split` (a new tree is returned).
+      dtype: e.g. ``"bfloat16"``, ``"float64"`` (under ``jax.enable_x64``).
+    """
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+        return nnx.merge(graphdef, cast(state, dtype), copy=True)
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, model
+    )
 
 
 class ModelFileError(ValueError):

@@ -92,10 +92,29 @@ def test_bench_dtype_runs_the_whole_model_in_it():
     x = jnp.zeros((2, *models.INPUT_SHAPE), jnp.bfloat16)
     fn, state = bench.method_fn(model, "forward")
     assert jax.jit(fn)(state, x).dtype == jnp.float32
-    assert jax.jit(fn)(bench._cast_floats(state, "bfloat16"), x).dtype == jnp.bfloat16
+    assert jax.jit(fn)(models.cast(state, "bfloat16"), x).dtype == jnp.bfloat16
     fn, state = bench.method_fn(model, "lrp:epsilon")
-    relevance = jax.jit(fn)(bench._cast_floats(state, "bfloat16"), x + 0.5)
+    relevance = jax.jit(fn)(models.cast(state, "bfloat16"), x + 0.5)
     assert relevance.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(relevance)))
+
+
+def test_cast_copies_a_model_in_the_dtype():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lrpjax import models
+
+    def dtypes(m):  # of the weights and statistics (the dropout keys and counts stay as they are)
+        return {a.dtype for a in jax.tree.leaves(nnx.state(m, nnx.Param, nnx.BatchStat))}
+
+    model = _tiny_model()
+    low = models.cast(model, "bfloat16")
+    assert dtypes(low) == {jnp.dtype(jnp.bfloat16)}
+    assert dtypes(model) == {jnp.dtype(jnp.float32)}  # a copy: the model is unchanged
+    assert nnx.state(low, nnx.RngState) == nnx.state(model, nnx.RngState)
+    x = jnp.zeros((1, *models.INPUT_SHAPE), jnp.bfloat16)
+    assert low(x).dtype == jnp.bfloat16
 
 
 def test_bench_jax_defaults_switch(tmp_path):

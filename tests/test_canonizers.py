@@ -112,7 +112,7 @@ def test_presets_carry_the_canonizer_and_explanations_use_it():
     model.eval()
     x = zoo.example_input("resnet", 2, seed=4)
     lrp0 = {nnx.Conv: rules.z(), nnx.Linear: rules.z(), nnx.BatchNorm: rules.z()}
-    merged = canonizers.with_canonizers(lrp0, canonizers.merge_batchnorm())
+    merged = composites.with_canonizers(lrp0, canonizers.merge_batchnorm())
     R_plain = lrpjax.explain(model, x, composite=lrp0)
     R_merged, layers = lrpjax.explain(model, x, composite=merged, layerwise=True)
     # LRP-0 of Conv then BN equals LRP-0 of the merged Conv: a W s / (z s + t) R either way
@@ -124,7 +124,7 @@ def test_presets_carry_the_canonizer_and_explanations_use_it():
     gamma = {**lrp0, nnx.Conv: rules.gamma(0.25)}
     R_gamma = lrpjax.explain(model, x, composite=gamma)
     R_gamma_merged = lrpjax.explain(
-        model, x, composite=canonizers.with_canonizers(gamma, canonizers.merge_batchnorm())
+        model, x, composite=composites.with_canonizers(gamma, canonizers.merge_batchnorm())
     )
     assert np.all(np.isfinite(np.asarray(R_gamma_merged)))
     difference = np.linalg.norm(np.asarray(R_gamma_merged) - np.asarray(R_gamma))

@@ -21,7 +21,7 @@ import lrpjax
 from lrpjax import models
 from lrpjax.commands import main as cli
 from lrpjax.data import sample
-from lrpjax.runs import pipeline
+from lrpjax.runs import explain as pipeline
 
 LIMIT, BATCH = 12, 8
 BASE = ["--limit", str(LIMIT), "--batch-size", str(BATCH), "--no-progress"]
@@ -513,7 +513,7 @@ def test_explain_refuses_nan(pretrained):
 # --- a lock on the output folder ----------------------------------------------------------
 
 HOLD_LOCK = (
-    "import sys; from lrpjax.runs.pipeline import lock_output\n"
+    "import sys; from lrpjax.runs.store import lock_output\n"
     "with lock_output(sys.argv[1]):\n"
     "    print('locked', flush=True); sys.stdin.read()\n"
 )
@@ -1111,3 +1111,14 @@ def test_data_options_are_the_same_in_every_command():
 
     assert len(options("explain")) == 4
     assert options("concepts") == options("explain") == options("evaluate")
+
+
+def test_every_subcommand_comes_from_the_one_registry():
+    """`COMMANDS` builds the parser and dispatches: one ``add_parser``/``run`` pair each."""
+    import argparse
+
+    (sub,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(sub.choices) == list(cli.COMMANDS)
+    for name, command in cli.COMMANDS.items():
+        assert command.__name__ == f"lrpjax.commands.{name}"
+        assert callable(command.add_parser) and callable(command.run)

@@ -211,6 +211,26 @@ def test_positions_resolve_to_first_and_last_layers_with_parameters():
     assert not np.allclose(r_pos, r_z, rtol=1e-3)
 
 
+def test_resolve_rules_gives_every_layer_its_rule_in_call_order():
+    model = Net(nnx.Rngs(2))
+    x = _x()
+    mapping = {nnx.Linear: rules.z(), FIRST: rules.flat()}
+    resolved = lrpjax.resolve_rules(model, x, mapping)
+    assert list(resolved) == [path for path, _ in lrpjax.engine.layer_calls(model, x)]
+    assert resolved == {"flatten": rules.gradient(), "l1": rules.flat(), "l2": rules.z()}
+    # The resolved rules, as a composite of paths, explain as the composite does.
+    np.testing.assert_allclose(
+        lrpjax.explain(model, x, composite=resolved), lrpjax.explain(model, x, composite=mapping)
+    )
+    default = lrpjax.resolve_rules(model, x)  # epsilon_gamma_box
+    assert default["l1"] == rules.zbox(0.0, 1.0)
+    assert default["l2"] == rules.epsilon()
+    with pytest.raises(lrpjax.LayerError, match="'l3', which matches no layer"):
+        lrpjax.resolve_rules(model, x, {**mapping, "l3": rules.z()})
+    with pytest.raises(lrpjax.LayerError, match="no rule for layer 'l2'"):
+        lrpjax.resolve_rules(model, x, {FIRST: rules.flat()})
+
+
 def test_explainer_reuses_the_function_for_equal_composites():
     """Equal composites built separately give the same cached function (a jit cache hit)."""
     model = Direct(nnx.Rngs(3))

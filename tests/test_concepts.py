@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -20,7 +21,8 @@ from lrpjax.layers import Flatten, ReLU
 
 from lrpjax import concepts, data, zoo
 from lrpjax.commands import main as cli
-from lrpjax.runs import pipeline
+from lrpjax.runs import batches, explain, store
+from lrpjax.runs import concepts as concept_run
 
 EPS = 0.1  # LRP-epsilon's eps in the hand-written loop and the engine's composite
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -395,9 +397,9 @@ def test_normalized_top_k_streams_blocks() -> None:
     rng = np.random.default_rng(3)
     rel = rng.normal(size=(23, 5)).astype(np.float32)
     normed = concepts.normalize(rel)
-    got = concepts.top_k(concepts._Normalized(rel), 4, block=4)
+    got = concepts.top_k(concept_run._Normalized(rel), 4, block=4)
     np.testing.assert_array_equal(got.index, brute_top_k(normed, 4))
-    got = concepts.top_k(concepts._Normalized(rel, np.array([3, 1])), 2, block=5)
+    got = concepts.top_k(concept_run._Normalized(rel, np.array([3, 1])), 2, block=5)
     np.testing.assert_array_equal(got.index, brute_top_k(normed[:, [3, 1]], 2))
 
 
@@ -415,11 +417,11 @@ def run_cli(*argv) -> tuple[int, str, str]:
 
 
 class StepSpy:
-    """Counts compiled steps of `concepts._make_step` (and can stop the run at one)."""
+    """Counts compiled steps of `lrpjax.runs.concepts.make_step` (and can stop the run at one)."""
 
     def __init__(self, monkeypatch, interrupt_at: int | None = None):
         self.calls = 0
-        real = concepts._make_step
+        real = concept_run.make_step
 
         def make_step(*args, **kwargs):
             step, state, devices = real(*args, **kwargs)
@@ -432,7 +434,7 @@ class StepSpy:
 
             return counted, state, devices
 
-        monkeypatch.setattr(concepts, "_make_step", make_step)
+        monkeypatch.setattr(concept_run, "make_step", make_step)
 
 
 @pytest.fixture(scope="module")
@@ -539,7 +541,7 @@ def test_cli_errors(tmp_path: Path, argv: list, message: str) -> None:
 
 def test_cli_refuses_a_locked_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with pipeline.lock_output(out):
+    with store.lock_output(out):
         code, _, err = run_cli("concepts", *BASE, "--layer", "dense1", "--out", out)
     assert code == 2 and "in use by another lrpjax run" in err
     assert sorted(os.listdir(out)) == []
@@ -552,7 +554,7 @@ def tiny_run(out: Path, layers: list[str], n: int = 10) -> dict:
     """`concepts_dataset` on TinyNet: n images in batches of 4, k = 2."""
     model, _ = tiny()
     x = np.random.default_rng(5).uniform(0.05, 1.0, (n, 6, 6, 3)).astype(np.float32)
-    return concepts.concepts_dataset(
+    return concept_run.concepts_dataset(
         model, x, np.arange(n) % 3, out, settings={"model": "tiny"}, layers=layers,
         composite=composite(), batch_size=4, k=2, progress=False,
     )  # fmt: skip
@@ -563,8 +565,9 @@ class KilledError(Exception):
 
 
 def kill_publish_at(monkeypatch, when) -> None:
-    """Make `concepts._publish` stop at the first file operation `when(op, path)` selects."""
-    real = concepts._publish
+    """Make `lrpjax.runs.store.publish` stop at the first file operation `when(op, path)`
+    selects."""
+    real = store.publish
 
     def guard(op, fn):
         def call(*args, **kwargs):
@@ -576,19 +579,19 @@ def kill_publish_at(monkeypatch, when) -> None:
 
     def publish(*args, **kwargs):
         with monkeypatch.context() as m:
-            m.setattr(os, "remove", guard("remove", os.remove))
+            m.setattr(os, "unlink", guard("remove", os.unlink))
             m.setattr(os, "replace", guard("replace", os.replace))
-            m.setattr(concepts.shutil, "rmtree", guard("rmtree", concepts.shutil.rmtree))
+            m.setattr(shutil, "rmtree", guard("rmtree", shutil.rmtree))
             return real(*args, **kwargs)
 
-    monkeypatch.setattr(concepts, "_publish", publish)
+    monkeypatch.setattr(store, "publish", publish)
 
 
 def published_layers(out: Path) -> list[str] | None:
     """The layers of the result in `out` if it has a concepts.json, after checking that
     exactly their folders are there, complete; None (and a work folder to resume) if not."""
     if not (out / "concepts.json").exists():
-        assert list(out.glob(f"{concepts.WORK_PREFIX}*")), "neither a result nor work to resume"
+        assert list(out.glob(f"{concept_run.WORK_PREFIX}*")), "neither a result nor work to resume"
         return None
     summary = json.loads((out / "concepts.json").read_text())
     layers = list(summary["layers"])
@@ -614,7 +617,7 @@ def test_a_kill_while_publishing_leaves_the_old_result_or_a_resumable_run(
     tiny_run(out, ["conv1", "conv2"])  # the previous result
     assert published_layers(out) == ["conv1", "conv2"]
     capsys.readouterr()
-    prefix = concepts.WORK_PREFIX
+    prefix = concept_run.WORK_PREFIX
     kills = [  # (where, what the folder then holds)
         (lambda op, p: op == "remove" and p.name == "concepts.json", ["conv1", "conv2"]),
         (lambda op, p: op == "replace" and p.name == "relevance.npy", None),
@@ -645,7 +648,53 @@ def test_concepts_leaves_other_commands_work_folders_alone(tmp_path: Path) -> No
     explain_work = out / ".partial-explain-0123456789ab"
     explain_work.mkdir(parents=True)
     (explain_work / "manifest.json").write_text("{}")
-    (out / f"{concepts.WORK_PREFIX}0123456789ab").mkdir()
+    (out / f"{concept_run.WORK_PREFIX}0123456789ab").mkdir()
     tiny_run(out, ["conv2"], n=4)
     assert (explain_work / "manifest.json").read_text() == "{}"
     assert sorted(p.name for p in out.glob(".partial-*")) == [explain_work.name]
+
+
+def test_explain_and_concepts_runs_share_one_machinery(tmp_path: Path, monkeypatch) -> None:
+    """Both dataset runs stream through the one chunk loop (`lrpjax.runs.batches.stream`)
+    and move their result into place through the one publish step
+    (`lrpjax.runs.store.publish`), each with its own work folders and summary."""
+    calls = []
+    real_stream, real_publish = batches.stream, store.publish
+
+    def stream(*args, **kwargs):
+        manifest = args[6]
+        calls.append(("stream", manifest.path.parent.name.rsplit("-", 1)[0]))
+        return real_stream(*args, **kwargs)
+
+    def publish(final, out, names, summary, **kwargs):
+        calls.append(("publish", summary))
+        return real_publish(final, out, names, summary, **kwargs)
+
+    monkeypatch.setattr(batches, "stream", stream)
+    monkeypatch.setattr(store, "publish", publish)
+    model, _ = tiny()
+    x = np.random.default_rng(5).uniform(0.05, 1.0, (4, 6, 6, 3)).astype(np.float32)
+    explain.explain_dataset(
+        model, x, np.arange(4) % 3, tmp_path / "explain", settings={"model": "tiny"},
+        composite=composite(), batch_size=4, progress=False, figures=2,
+    )  # fmt: skip
+    tiny_run(tmp_path / "concepts", ["conv2"], n=4)
+    assert calls == [
+        ("stream", ".partial-explain"),
+        ("publish", "summary.json"),
+        ("stream", ".partial-concepts"),
+        ("publish", "concepts.json"),
+    ]
+    assert (tmp_path / "explain" / "summary.json").is_file()
+    assert (tmp_path / "concepts" / "concepts.json").is_file()
+
+
+def test_the_crp_library_imports_no_dataset_run() -> None:
+    """`lrpjax.concepts` (the library) sits below `lrpjax.runs`: it imports none of it."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(concepts))
+    imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in imported if m.startswith("lrpjax.runs")], imported

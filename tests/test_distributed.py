@@ -30,8 +30,9 @@ import pytest
 from PIL import Image
 
 from lrpjax import data
+from lrpjax.commands import explain as explain_command
 from lrpjax.commands import main as cli
-from lrpjax.runs import pipeline
+from lrpjax.runs import store
 
 CLASSES = ("airplane", "bird", "cat", "deer", "dog", "frog", "ship", "truck")
 PER_CLASS, BATCH = 8, 8  # 64 images, 8 chunks: 4 per process
@@ -55,13 +56,13 @@ DRIVER = textwrap.dedent(
     """
     import hashlib, json, os, sys
     from lrpjax.commands import main as cli
-    from lrpjax.runs import pipeline
+    from lrpjax.runs import explain
 
     report = sys.argv[1]
     die_at = int(os.environ.get("DIE_AT_STEP", "0"))
     raise_at = int(os.environ.get("RAISE_AT_STEP", "0"))
     steps, hashes = [0], []
-    real = pipeline.make_step
+    real = explain.make_step
 
     def make_step(*args, **kwargs):
         step, state, num_devices = real(*args, **kwargs)
@@ -77,7 +78,7 @@ DRIVER = textwrap.dedent(
 
         return spy, state, num_devices
 
-    pipeline.make_step = make_step
+    explain.make_step = make_step
     rc = cli.main(sys.argv[2:])
     with open(report, "w") as f:
         json.dump({"rc": rc, "steps": steps[0], "hashes": hashes}, f)
@@ -303,7 +304,7 @@ def test_killed_process_resumes_only_its_missing_chunks_with_flags(
     assert [r["steps"] for r in results] == missing
     assert "resuming: 1 of 4 chunks" in results[1]["stdout"]
     assert_same_result(out, one_process)
-    assert not list(out.glob(".partial-*")) and not (out / pipeline.LOCK_NAME).exists()
+    assert not list(out.glob(".partial-*")) and not (out / store.LOCK_NAME).exists()
 
 
 def assert_failed_with(results: list[dict], message: str) -> None:
@@ -320,7 +321,7 @@ def test_error_on_one_process_while_computing_ends_both(folder, tmp_path, launch
     out = tmp_path / "out"
     results = launch.run(out, folder, env={1: {"RAISE_AT_STEP": 2}})
     assert_failed_with(results, "process 1 of 2: the step broke here")
-    assert not (out / "summary.json").exists() and not (out / pipeline.LOCK_NAME).exists()
+    assert not (out / "summary.json").exists() and not (out / store.LOCK_NAME).exists()
 
 
 def test_error_on_one_process_while_preparing_ends_both(folder, tmp_path, launch):
@@ -375,7 +376,7 @@ def test_distributed_flags_are_parsed(monkeypatch):
         seen.update(coordinator=coordinator, n=num_processes, id=process_id)
         raise cli.CLIError("stop here")
 
-    monkeypatch.setattr(cli, "init_distributed", fake_init)
+    monkeypatch.setattr(explain_command, "init_distributed", fake_init)
     argv = ["explain", "--distributed", "--coordinator", "10.0.0.1:1234"]
     assert cli.main([*argv, "--num-processes", "4", "--process-id", "0"]) == 2
     assert seen == {"coordinator": "10.0.0.1:1234", "n": 4, "id": 0}

@@ -835,49 +835,52 @@ class _Rectified(nnx.Module):
         return self.last(x.mean(axis=(1, 2)))
 
 
-def _clear_compiled(engine) -> None:
+def _clear_compiled() -> None:
+    from lrpjax.core import engine
+
     engine._explain_fn.cache_clear()
     engine._jitted.cache_clear()
 
 
 def _found_by(analysis: str, model, x) -> list[set[str]]:
-    """What one of the engine's structure analyses returns while explaining x."""
-    from lrpjax.core import engine
+    """What one of the engine's structure analyses (`lrpjax.core.structure`) returns while
+    explaining x."""
+    from lrpjax.core import structure
 
     found = []
-    original = getattr(engine, analysis)
+    original = getattr(structure, analysis)
 
     def spy(*args):
         found.append(original(*args))
         return found[-1]
 
-    setattr(engine, analysis, spy)
+    setattr(structure, analysis, spy)
     try:
         lrpjax.explain(model, x, composite="epsilon")
     finally:
-        setattr(engine, analysis, original)
+        setattr(structure, analysis, original)
     return found
 
 
 def _explained_without(analysis: str, model, x, composite) -> np.ndarray:
-    """The explanation with one of the engine's structure analyses (``_rectified``,
-    ``_nonnegative_inputs``) finding nothing: the general forms of the rules."""
-    from lrpjax.core import engine
+    """The explanation with one of the engine's structure analyses (``rectified``,
+    ``nonnegative_inputs``) finding nothing: the general forms of the rules."""
+    from lrpjax.core import structure
 
-    original = getattr(engine, analysis)
-    setattr(engine, analysis, lambda *args: set())
-    _clear_compiled(engine)
+    original = getattr(structure, analysis)
+    setattr(structure, analysis, lambda *args: set())
+    _clear_compiled()
     try:
         return np.asarray(lrpjax.explain(model, x, composite=composite))
     finally:
-        setattr(engine, analysis, original)
-        _clear_compiled(engine)
+        setattr(structure, analysis, original)
+        _clear_compiled()
 
 
 def test_layers_before_a_relu_are_found():
     model = _Rectified(nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 2)), jnp.float32)
-    found = _found_by("_rectified", model, x)
+    found = _found_by("rectified", model, x)
     assert found == [{"layer_relu", "function_relu"}]
 
 
@@ -898,7 +901,7 @@ def test_zplus_before_a_relu_equals_the_stacked_form(dtype):
         model = nnx.merge(graphdef, state)
         mapping = {nnx.Linear: rules.zplus(), nnx.Conv: rules.zplus(), nnx.BatchNorm: rules.z()}
         fast = np.asarray(lrpjax.explain(model, x, composite=mapping))
-        stacked = _explained_without("_rectified", model, x, mapping)
+        stacked = _explained_without("rectified", model, x, mapping)
     finally:
         jax.config.update("jax_enable_x64", False)
     error = np.abs(fast - stacked).max(axis=(1, 2, 3)) / np.abs(stacked).max(axis=(1, 2, 3))
@@ -934,7 +937,7 @@ class _NonNegativeInputs(nnx.Module):
 def test_layers_with_nonnegative_inputs_are_found():
     model = _NonNegativeInputs(nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 2)), jnp.float32)
-    found = _found_by("_nonnegative_inputs", model, x)
+    found = _found_by("nonnegative_inputs", model, x)
     # The pool and the flatten (sign-keeping units) see non-negative inputs too.
     assert found == [{"after_pool", "after_padding", "pool", "flatten", "dense"}]
 
@@ -953,7 +956,7 @@ def test_nonnegative_input_forms_equal_the_general_ones_in_float64(preset):
         model = nnx.merge(graphdef, state)
         x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 8, 8, 2)))
         fast = np.asarray(lrpjax.explain(model, x, composite=preset))
-        general = _explained_without("_nonnegative_inputs", model, x, preset)
+        general = _explained_without("nonnegative_inputs", model, x, preset)
     finally:
         jax.config.update("jax_enable_x64", False)
     assert np.abs(general).max() > 0

@@ -12,6 +12,7 @@ from lrpjax.layers import Flatten, MaxPool, ReLU
 
 from lrpjax import baselines, metrics
 from lrpjax.analysis import evaluate
+from lrpjax.commands import evaluate as evaluate_command
 from lrpjax.commands import main as cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -89,7 +90,7 @@ def test_split_specs_keeps_parameters_together():
     text = (
         "random, smoothgrad:samples=8,noise=0.2,lrp:epsilon:eps=0.25,integrated_gradients:steps=4"
     )
-    assert evaluate._split_specs(text) == [
+    assert evaluate_command._split_specs(text) == [
         "random",
         "smoothgrad:samples=8,noise=0.2",
         "lrp:epsilon:eps=0.25",
@@ -118,3 +119,32 @@ def test_cli_evaluate_rejects_unknown_explainers(tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "error: unknown explainer 'saliency'" in err and "lrp:epsilon" in err
+
+
+def test_registered_metrics_score_every_explainer(tmp_path):
+    tiny = Tiny(nnx.Rngs(1))
+    tiny.dense = nnx.Linear(8 * 8 * 4, 4, rngs=nnx.Rngs(2))  # 16 x 16 images: SSIM's window fits
+    tiny.eval()
+    rng = np.random.default_rng(1)
+    images = rng.random((5, 16, 16, 3)).astype(np.float32)
+    specs = ["gradient", "lrp:epsilon"]
+    names = ["sparseness", "complexity", "random_logit"]
+    report = evaluate.evaluate(
+        tiny, images, None, specs, tmp_path, region=2, steps=4, batch_size=8,
+        sanity_images=0, progress=False, scores=names,
+    )  # fmt: skip
+    target = np.asarray(tiny(images)).argmax(-1)
+    for spec in specs:
+        fn, state = baselines.make(tiny, spec)
+        maps = evaluate.explain_all(fn, state, images, target, 8, False)
+        for name in ("sparseness", "complexity"):
+            expected = metrics.get(name)(tiny, images, maps, target)
+            got = report["explainers"][spec]["metrics"][name]
+            assert got["mean"] == pytest.approx(float(expected.mean()), rel=1e-6)
+        assert report["explainers"][spec]["metrics"]["random_logit"]["family"] == "randomisation"
+    md = (tmp_path / "aopc.md").read_text()
+    assert "| explainer | sparseness ↑ | complexity ↓ | random_logit ↓ |" in md
+    with pytest.raises(ValueError, match="localisation metrics need masks"):
+        evaluate.evaluate(tiny, images, None, specs, tmp_path, scores=["pointing_game"])
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate.evaluate(tiny, images, None, specs, tmp_path, scores=["beauty"])

@@ -18,6 +18,7 @@ from flax import nnx
 
 import lrpjax
 from lrpjax import composites, rules
+from lrpjax.core import jaxprs
 
 LRP0 = {nnx.Linear: rules.z(), nnx.LayerNorm: rules.z(), nnx.Embed: rules.embedding()}
 
@@ -370,3 +371,25 @@ def test_conv_transpose_einsum_and_linear_general(rule):
         target = jnp.argmax(model(x), axis=-1)
         grad = jax.grad(lambda x: jnp.sum(model(x)[jnp.arange(2), target]))(x)
         np.testing.assert_allclose(R, x * grad, rtol=1e-4, atol=1e-6)
+
+
+def test_jaxpr_helpers_on_a_relu_a_call_and_a_residual():
+    def f(x):
+        y = jnp.maximum(x, 0.0)
+        return jax.jit(lambda v: v * 2.0)(y) + y
+
+    jaxpr = jax.make_jaxpr(f)(jnp.ones(3)).jaxpr
+    relu, call, add = jaxpr.eqns
+    flow = jaxprs.Dataflow(jaxpr)
+    (y,) = relu.outvars
+    assert flow.uses(y) == [1, 2] and flow.only_use(y) is None  # the residual: two uses
+    assert flow.only_use(call.outvars[0]) == 2
+    assert flow.only_use(add.outvars[0]) is None  # the output
+    assert flow.producer(y) is relu and flow.producer(y, "max") is relu
+    assert flow.producer(y, "add") is None and flow.producer(jaxpr.invars[0]) is None
+    assert jaxprs.literal_zero(relu.invars[1]) and jaxprs.literal_nonnegative(relu.invars[1])
+    assert not jaxprs.is_literal(relu.invars[0])
+    inner, consts = jaxprs.body(call)
+    assert [e.primitive.name for e in inner.eqns] == ["mul"] and not consts
+    assert jaxprs.body(relu) is None
+    assert jaxprs.live(jaxpr, [y]) == [relu]

@@ -1,4 +1,4 @@
-"""`lrpjax.peers.zennit`: the miniVGG in PyTorch and LRP in Zennit agree with lrpjax; and
+"""`lrpjax.peers`: the miniVGG in PyTorch and LRP in Zennit agree with lrpjax; and
 ``lrpjax bench --peer zennit`` without PyTorch fails with the install command."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ IMAGES = 3  # shipped CIFAR-10 images: real ones, with the flat regions that tie
 def peers():
     pytest.importorskip("torch")
     pytest.importorskip("zennit")
-    from lrpjax.peers import zennit as peers
+    from lrpjax import peers
 
     return peers
 
@@ -42,7 +42,7 @@ def test_logits_agree(peers, model, images):
     import torch
 
     with torch.no_grad():
-        theirs = peers.torch_model(model)(peers._nchw(images, "float32")).numpy()
+        theirs = peers.torch_model(model)(peers.nchw(images, "float32")).numpy()
     ours = np.asarray(model(jnp.asarray(images)))
     assert peers.max_rel_diff(ours, theirs) < 1e-5
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
@@ -65,7 +65,7 @@ def test_relevance_agrees(peers, model, images, preset):
 
 def test_epsilon_agrees_in_float64(peers, model, images):
     with jax.enable_x64(True):
-        m = peers._as_dtype(model, "float64")
+        m = lrpjax.models.cast(model, "float64")
         x = jnp.asarray(images, jnp.float64)
         target = np.asarray(m(x)).argmax(-1)
         ours = np.asarray(lrpjax.explain(m, x, composite="epsilon", target=jnp.asarray(target)))

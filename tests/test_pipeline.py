@@ -1,4 +1,4 @@
-"""`lrpjax.runs.pipeline.explain_dataset`: sharding over devices, memmapped output, restarts."""
+"""`lrpjax.runs.explain.explain_dataset`: sharding over devices, memmapped output, restarts."""
 
 from __future__ import annotations
 
@@ -18,20 +18,20 @@ from flax import nnx
 import lrpjax
 from lrpjax import models
 from lrpjax.data import sample
-from lrpjax.runs import pipeline
+from lrpjax.runs import explain, store
 
 SETTINGS = {"model": "test", "data": "test", "composite": "epsilon"}
 
 
 class StepSpy:
-    """Wraps `pipeline.make_step`: counts compiled step calls, records batch shapes, and can
+    """Wraps `explain.make_step`: counts compiled step calls, records batch shapes, and can
     raise KeyboardInterrupt at a given call (as Ctrl-C would)."""
 
     def __init__(self, monkeypatch, interrupt_at: int | None = None):
         self.calls = 0
         self.shapes: list[tuple[int, ...]] = []
         self.interrupt_at = interrupt_at
-        real = pipeline.make_step
+        real = explain.make_step
 
         def make_step(*args, **kwargs):
             step, state, num_devices = real(*args, **kwargs)
@@ -45,7 +45,7 @@ class StepSpy:
 
             return counted, state, num_devices
 
-        monkeypatch.setattr(pipeline, "make_step", make_step)
+        monkeypatch.setattr(explain, "make_step", make_step)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ EIGHT_DEVICES = textwrap.dedent(
     import jax
     import numpy as np
     from lrpjax import models
-    from lrpjax.runs import pipeline
+    from lrpjax.runs import explain
 
     assert jax.device_count() == 8, jax.devices()
     folder = sys.argv[1]
@@ -76,7 +76,7 @@ EIGHT_DEVICES = textwrap.dedent(
     labels = np.load(f"{folder}/labels.npy")
 
     shapes = []
-    real = pipeline.make_step
+    real = explain.make_step
 
     def make_step(*args, **kwargs):
         step, state, num_devices = real(*args, **kwargs)
@@ -88,13 +88,13 @@ EIGHT_DEVICES = textwrap.dedent(
 
         return recorded, state, num_devices
 
-    pipeline.make_step = make_step
+    explain.make_step = make_step
     report = {}
     # 13 images, batch 4 rounded up to 8: chunks of 8 and 5 (fewer than the devices).
     # 3 images: one chunk smaller than the device count.
     for case, n, target in (("thirteen", 13, "pred"), ("three", 3, "label")):
         shapes.clear()
-        summary = pipeline.explain_dataset(
+        summary = explain.explain_dataset(
             model, images[:n], labels[:n], f"{folder}/{case}",
             settings={"model": "random", "n": n, "target": target},
             target=target, batch_size=4, progress=False, figures=4,
@@ -214,10 +214,10 @@ def test_streams_to_memmaps_and_matches_batchwise_explain(
     monkeypatch.setattr(np.lib.format, "open_memmap", open_memmap)
     spy = StepSpy(monkeypatch)
     x, y = data20
-    summary = pipeline.explain_dataset(
+    summary = explain.explain_dataset(
         pretrained, x, y, tmp_path, settings=SETTINGS, batch_size=8, progress=False, figures=4
     )
-    assert sorted(opened) == sorted((f"{name}.npy", "w+") for name in pipeline.ARRAYS)
+    assert sorted(opened) == sorted((f"{name}.npy", "w+") for name in explain.ARRAYS)
     assert spy.shapes == [(8, 32, 32, 3)] * 3  # one compiled shape; the last chunk padded
 
     expected = np.concatenate(
@@ -244,7 +244,7 @@ def test_other_settings_start_over(tmp_path, monkeypatch, capsys, pretrained, da
     x, y = data20
     spy = StepSpy(monkeypatch, interrupt_at=2)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.explain_dataset(
+        explain.explain_dataset(
             pretrained, x, y, tmp_path, settings=SETTINGS, batch_size=8, progress=False
         )
     (stale,) = tmp_path.glob(".partial-*")
@@ -253,7 +253,7 @@ def test_other_settings_start_over(tmp_path, monkeypatch, capsys, pretrained, da
 
     spy = StepSpy(monkeypatch)
     other = {**SETTINGS, "composite": "epsilon_plus_flat"}
-    pipeline.explain_dataset(
+    explain.explain_dataset(
         pretrained, x, y, tmp_path, settings=other, composite="epsilon_plus_flat",
         batch_size=8, progress=False, figures=4,
     )  # fmt: skip
@@ -269,12 +269,12 @@ def test_same_settings_other_dtype_start_over(tmp_path, monkeypatch, capsys, pre
     x, y = data20
     StepSpy(monkeypatch, interrupt_at=2)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.explain_dataset(
+        explain.explain_dataset(
             pretrained, x, y, tmp_path, settings=SETTINGS, batch_size=8, progress=False
         )
     capsys.readouterr()
     spy = StepSpy(monkeypatch)
-    pipeline.explain_dataset(
+    explain.explain_dataset(
         pretrained, x, y, tmp_path, settings=SETTINGS, batch_size=8, dtype="float16",
         progress=False, figures=4,
     )  # fmt: skip
@@ -294,11 +294,11 @@ def test_interrupt_while_moving_results_resumes(tmp_path, monkeypatch, pretraine
 
     monkeypatch.setattr(os, "replace", interrupted_replace)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.explain_dataset(
+        explain.explain_dataset(
             pretrained, x, y, tmp_path, settings=SETTINGS, batch_size=8, progress=False
         )
     monkeypatch.setattr(os, "replace", real_replace)
-    pipeline.explain_dataset(
+    explain.explain_dataset(
         pretrained, x, y, tmp_path, settings=SETTINGS, batch_size=8, progress=False, figures=4
     )
     expected = np.asarray(lrpjax.explain(pretrained, x))
@@ -311,16 +311,16 @@ def test_interrupt_while_moving_results_resumes(tmp_path, monkeypatch, pretraine
 def test_locked_output_refuses_before_changing_anything(tmp_path, monkeypatch, pretrained, data20):
     x, y = data20
     spy = StepSpy(monkeypatch)
-    with pipeline.lock_output(tmp_path):
-        assert (tmp_path / pipeline.LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on ")
-        with pytest.raises(pipeline.OutputLockedError, match="in use by another lrpjax run"):
-            pipeline.explain_dataset(
+    with store.lock_output(tmp_path):
+        assert (tmp_path / store.LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(store.OutputLockedError, match="in use by another lrpjax run"):
+            explain.explain_dataset(
                 pretrained, x, y, tmp_path, settings=SETTINGS, batch_size=8, progress=False
             )
         assert spy.calls == 0
-        assert [p.name for p in tmp_path.iterdir()] == [pipeline.LOCK_NAME]
+        assert [p.name for p in tmp_path.iterdir()] == [store.LOCK_NAME]
     assert not list(tmp_path.iterdir())  # released and removed
-    pipeline.explain_dataset(
+    explain.explain_dataset(
         pretrained, x, y, tmp_path, settings=SETTINGS, batch_size=8, progress=False, figures=4
     )
-    assert spy.calls == 3 and not (tmp_path / pipeline.LOCK_NAME).exists()
+    assert spy.calls == 3 and not (tmp_path / store.LOCK_NAME).exists()

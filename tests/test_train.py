@@ -77,7 +77,7 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(tiny_data):
     config = config_for(Path("unused"))
     model = models.MiniVGG(rngs=nnx.Rngs(0))
     tx = train.make_optimizer(config, steps_per_epoch=N_TRAIN // BATCH)
-    steps = trainer._Steps(model, tx, config)
+    steps = trainer.Steps(model, tx, config)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     before = {k: np.array(v, copy=True) for k, v in nnx.to_flat_state(params)}
     opt_state = tx.init(params)
@@ -415,7 +415,7 @@ def test_label_smoothing_loss(tiny_data):
     for smoothing in (0.0, 0.2):
         config = config_for(Path("unused"), model=TINY_VIT, label_smoothing=smoothing)
         model = trainer.build_model(config.model)
-        steps = trainer._Steps(model, train.make_optimizer(config, 1), config)
+        steps = trainer.Steps(model, train.make_optimizer(config, 1), config)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         loss, (logits, _) = steps._loss(params, rest, x, y)  # the loss of these logits
         targets = (1 - smoothing) * np.eye(10)[y] + smoothing / 10

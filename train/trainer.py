@@ -37,6 +37,7 @@ from lrpjax.core import compilation
 __all__ = [
     "MODELS",
     "Config",
+    "Steps",
     "build_model",
     "checkpoint_path",
     "evaluate",
@@ -145,8 +146,14 @@ def augment(images: jax.Array, key: jax.Array, pad: int = 4) -> jax.Array:
     return jax.vmap(one)(padded, offsets, flips)
 
 
-class _Steps:
-    """Jit-compiled training and evaluation functions for one model structure."""
+class Steps:
+    """Jit-compiled training and evaluation functions for one model structure.
+
+    ``train_step(params, rest, opt_state, x, y, key) -> (params, rest, opt_state, loss,
+    correct)`` is one optimizer step (its first three arguments donated), with ``params,
+    rest = nnx.split(model, nnx.Param, ...)[1:]`` and ``opt_state = tx.init(params)``;
+    ``eval_batch(params, rest, x, y, valid)`` the summed loss and correct count of a batch.
+    """
 
     def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, config: Config):
         model.train()
@@ -189,7 +196,7 @@ class _Steps:
         return jnp.sum(losses * valid), jnp.sum(correct * valid)
 
 
-def evaluate(steps: _Steps, params, rest, images: np.ndarray, labels: np.ndarray) -> dict:
+def evaluate(steps: Steps, params, rest, images: np.ndarray, labels: np.ndarray) -> dict:
     """Mean loss and accuracy over a dataset, in fixed-size (padded) batches."""
     bs = steps.config.eval_batch_size
     total_loss, total_correct = 0.0, 0
@@ -302,7 +309,7 @@ def train(
     if config.init:
         models.restore(model, models.read_arrays(config.init)[0], source=config.init)
     tx = make_optimizer(config, steps_per_epoch)
-    steps = _Steps(model, tx, config)
+    steps = Steps(model, tx, config)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     opt_state = tx.init(params)
     history: list[dict] = []

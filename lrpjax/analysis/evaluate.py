@@ -1,4 +1,4 @@
-"""``lrpjax evaluate``: compare explainers by region perturbation (AOPC) and sanity checks.
+"""Compare explainers by region perturbation (AOPC) and sanity checks (``lrpjax evaluate``).
 
 For every explainer spec (`lrpjax.analysis.baselines.make`: LRP composites with their parameters
 and inits, and the baselines), the images are explained for the class the model predicts;
@@ -35,7 +35,15 @@ from flax import nnx
 from lrpjax.analysis import baselines, metrics
 from lrpjax.core import compilation
 
-__all__ = ["DEFAULT_EXPLAINERS", "add_parser", "evaluate", "explain_all", "predict", "table"]
+__all__ = [
+    "DEFAULT_EXPLAINERS",
+    "curves_figure",
+    "evaluate",
+    "explain_all",
+    "predict",
+    "sanity_figure",
+    "table",
+]
 
 DEFAULT_EXPLAINERS: tuple[str, ...] = (
     "random",
@@ -147,6 +155,8 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     settings: dict | None = None,
+    scores: Sequence[str] = (),
+    masks: np.ndarray | None = None,
 ) -> dict:
     """Compare explainers by AOPC and the model-randomization check; write the report.
 
@@ -165,6 +175,10 @@ def evaluate(
       seed: seed of random maps, noise and re-initialisation.
       progress: show progress bars.
       settings: extra fields recorded under ``settings`` in the JSON (e.g. the data source).
+      scores: names of registered metrics (`lrpjax.analysis.metrics.REGISTRY`) to score
+        every explainer's maps with as well, each per image (mean and standard error in
+        the report); metrics that re-explain get the explainer's own ``explain``.
+      masks: (N, H, W) bool evidence regions, for the localisation metrics.
 
     Returns:
       The report written to aopc.json (a dict).
@@ -182,6 +196,9 @@ def evaluate(
     if len(set(explainers)) != len(explainers):
         raise ValueError(f"explainers repeated: {', '.join(explainers)}")
     built = {spec: baselines.make(model, spec) for spec in explainers}  # fail early
+    chosen = [metrics.get(name) for name in scores]
+    if masks is None and any(m.family == "localisation" for m in chosen):
+        raise ValueError("localisation metrics need masks: (N, H, W) evidence regions")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     h, w = images.shape[1:3]
@@ -219,6 +236,10 @@ def evaluate(
         if "morf" in per_image and "lerf" in per_image:
             mean, se = metrics.summary(per_image["morf"] - per_image["lerf"])
             entry["morf_minus_lerf"] = {"mean": _finite(mean), "se": _finite(se)}
+        for metric in chosen:
+            entry.setdefault("metrics", {})[metric.name] = _score(
+                metric, model, images, rel, target, built[spec], masks, seed
+            )
         entry["seconds"] = time.perf_counter() - t0
         results[spec] = entry
         del rel
@@ -266,6 +287,23 @@ def evaluate(
     return report
 
 
+def _score(metric, model, images, maps, target, explainer, masks, seed: int) -> dict:
+    """One registered metric on one explainer's maps: mean and standard error over images."""
+    kwargs: dict = {"key": jax.random.key(seed)}
+    if metric.needs_explain:
+        kwargs["explain"] = metrics.explain_fn(model, explainer)
+    if metric.family == "localisation":
+        kwargs["masks"] = masks
+    values = np.asarray(metric(model, images, maps, target, **kwargs), np.float64)
+    mean, se = metrics.summary(values[np.isfinite(values)])
+    return {
+        "mean": _finite(mean),
+        "se": _finite(se),
+        "higher_is_better": metric.higher_is_better,
+        "family": metric.family,
+    }
+
+
 def _pm(d: dict | None, key: str = "aopc") -> str:
     if not d or d.get(key) is None:
         return "-"
@@ -300,6 +338,23 @@ def table(report: dict) -> str:
             flag = "insensitive" if r.get("insensitive") else "ok"
             row += f" {r['randomized_correlation']:.3f} | {flag} |"
         lines.append(row)
+    named = list(
+        dict.fromkeys(n for r in report["explainers"].values() for n in r.get("metrics", {}))
+    )
+    if named:
+        arrows = {
+            n: "↑" if r["metrics"][n]["higher_is_better"] else "↓"
+            for r in report["explainers"].values()
+            for n in r.get("metrics", {})
+        }
+        lines += [
+            "",
+            "| explainer | " + " | ".join(f"{n} {arrows[n]}" for n in named) + " |",
+            "|---|" + "---:|" * len(named),
+        ]
+        for spec, r in report["explainers"].items():
+            cells = [_pm(r.get("metrics", {}).get(n), "mean") for n in named]
+            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
     if sanity:
         lines += [
             "",
@@ -372,104 +427,3 @@ def sanity_figure(sanity: dict, path: str | Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def add_parser(sub) -> None:
-    """Register ``lrpjax evaluate`` on an argparse subparsers object."""
-    p = sub.add_parser(
-        "evaluate",
-        help="compare explainers: pixel-flipping AOPC and model-randomization sanity check",
-        description="Score explainers by region perturbation (AOPC, MoRF and LeRF) and the "
-        "model-randomization check. With no data arguments: the shipped model on the shipped "
-        "100-image CIFAR-10 sample, offline.",
-    )
-    p.add_argument(
-        "--explainers",
-        default=",".join(DEFAULT_EXPLAINERS),
-        help="comma-separated specs, e.g. gradient, integrated_gradients:steps=16, "
-        "smoothgrad:samples=8,noise=0.2 (parameters follow their name), lrp:epsilon:eps=0.25, "
-        "lrp:epsilon:init=sglrp; known: " + ", ".join(baselines.known_specs()),
-    )
-    from lrpjax.commands.common import add_data_arguments, add_model_arguments
-
-    add_data_arguments(p, verb="use")
-    add_model_arguments(p)
-    p.add_argument("--region", type=int, default=4, help="region side in pixels (default 4)")
-    p.add_argument("--steps", type=int, default=16, help="regions removed (default 16)")
-    p.add_argument(
-        "--replacement",
-        default="blur",
-        choices=metrics.REPLACEMENTS,
-        help="what a removed region is filled with",
-    )
-    p.add_argument(
-        "--score", default="logit", choices=metrics.SCORES, help="the target's score tracked"
-    )
-    p.add_argument("--batch-size", type=int, default=256, help="images per model pass")
-    p.add_argument(
-        "--sanity-images",
-        type=int,
-        default=16,
-        help="images (the first ones) for the model-randomization check; 0 skips it",
-    )
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=0.5,
-        help="rank correlation above which an explainer is flagged insensitive",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of random maps, noise and re-initialisation"
-    )
-    p.add_argument("--out", default="eval-out", help="output folder (default: ./eval-out)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-
-
-def _split_specs(text: str) -> list[str]:
-    """Split a comma-separated list of specs; commas inside a spec's parameters stay."""
-    specs: list[str] = []
-    for part in (s.strip() for s in text.split(",")):
-        if not part:
-            continue
-        if specs and "=" in part and ":" not in part.split("=", 1)[0]:
-            specs[-1] += "," + part  # a further key=value of the previous spec
-        else:
-            specs.append(part)
-    return specs
-
-
-def run(args) -> int:
-    """Run ``lrpjax evaluate`` from parsed arguments."""
-    from lrpjax.commands.common import CLIError, check_writable, fit_data, load_data, load_model
-    from lrpjax.runs.pipeline import lock_output
-
-    specs = _split_specs(args.explainers)
-    if not specs:
-        raise CLIError("--explainers is empty")
-    if args.batch_size < 1 or args.region < 1:
-        raise CLIError("--batch-size and --region must be positive")
-    if args.sanity_images < 0:
-        raise CLIError(f"--sanity-images must be >= 0, got {args.sanity_images}")
-    out = Path(args.out)
-    loaded = load_model(args)  # model, explainers and data are checked before out is made
-    model = loaded.model
-    for spec in specs:
-        baselines.make(model, spec)  # unknown specs fail before any work
-    fitted = fit_data(loaded, load_data(args))
-    images, labels = fitted.images, fitted.labels
-    check_writable(out)
-    t0 = time.perf_counter()
-    with lock_output(out):  # as lrpjax explain: one run per output folder at a time
-        report = evaluate(
-            model, images, labels, specs, out, region=args.region, steps=args.steps,
-            replacement=args.replacement, score=args.score, batch_size=args.batch_size,
-            sanity_images=args.sanity_images, threshold=args.threshold, seed=args.seed,
-            progress=not args.no_progress,
-            settings={"data": fitted.identity, "model": loaded.identity},
-        )  # fmt: skip
-    print(table(report))
-    print(
-        f"wrote {out}/: {', '.join(report['files'])} ({time.perf_counter() - t0:.1f} s)",
-    )
-    return 0

@@ -1,4 +1,4 @@
-"""``lrpjax bench``: time explainers against the forward pass and the input gradient.
+"""Time explainers against the forward pass and the input gradient (``lrpjax bench``).
 
 Each method is one jit-compiled function of (state, x): the forward pass with `jax.jit`,
 every method with a backward pass with `lrpjax.jit` (the same XLA options for the gradient
@@ -10,13 +10,9 @@ they hold on a shared, noisy machine where absolute times do not.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
-from pathlib import Path
 
 import flax
 import jax
@@ -24,20 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax import models, zoo
-from lrpjax.analysis import baselines
-from lrpjax.commands import common as cli_common
+from lrpjax import models
+from lrpjax.analysis import baselines, metrics
 from lrpjax.core import compilation
 
 __all__ = [
     "DEFAULT_METHODS",
+    "LRP_METHODS",
     "RATIOS",
-    "add_parser",
     "benchmark",
     "fidelity",
     "fidelity_table",
     "method_fn",
     "table",
+    "train_throughput",
 ]
 
 DEFAULT_METHODS = (
@@ -80,14 +76,6 @@ def method_fn(model: nnx.Module, method: str) -> tuple[Callable, nnx.State]:
     return (lambda s, x: fn(s, x, jnp.full(x.shape[:1], -1, jnp.int32))), state
 
 
-def _cast_floats(tree, dtype: str):
-    """Weights and statistics in the benchmark's dtype: an input cast alone would be promoted
-    back to the float32 of the weights."""
-    return jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
-    )
-
-
 def _time(f: Callable, *args, repeats: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     jax.block_until_ready(f(*args))
@@ -103,12 +91,14 @@ def _time(f: Callable, *args, repeats: int) -> tuple[float, float]:
 
 def train_throughput(batch_size: int, repeats: int) -> dict:
     """Images per second of the training step of `python -m train` (Adam, train mode)."""
-    from train.trainer import Config, _Steps, make_optimizer
+    # Imported here: `train` is the repository's training script, not part of the library
+    # (it imports lrpjax, never the other way); a bench without --train never needs it.
+    from train import trainer
 
-    config = Config(batch_size=batch_size)
+    config = trainer.Config(batch_size=batch_size)
     model = models.MiniVGG(rngs=nnx.Rngs(0))
-    tx = make_optimizer(config, 100)
-    steps = _Steps(model, tx, config)
+    tx = trainer.make_optimizer(config, 100)
+    steps = trainer.Steps(model, tx, config)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     opt_state = tx.init(params)
     x = jnp.asarray(np.random.default_rng(0).random((batch_size, *models.INPUT_SHAPE), np.float32))
@@ -154,7 +144,7 @@ def benchmark(
         times = {}
         for method in methods:
             fn, state = method_fn(model, method)
-            state = _cast_floats(state, dtype)
+            state = models.cast(state, dtype)
             compile = jax.jit if method == "forward" else compilation.jit
             compile_s, run_s = _time(compile(fn), state, x, repeats=repeats)
             times[method] = run_s
@@ -212,15 +202,13 @@ def fidelity(
       (per image, ``||R_dtype - R_float32|| / ||R_float32||``), ``aopc_float32``,
       ``aopc_<dtype>`` and their standard errors ``..._se``.
     """
-    from lrpjax.analysis import metrics
-
     x32 = jnp.asarray(images, jnp.float32)
     # Both maps explain the class float32 predicts (the low-precision model may predict
     # another one for some images; counted in ``prediction_changes``).
     target = jnp.argmax(jax.jit(lambda m, x: m(x))(model, x32), axis=-1)
     graphdef, state = nnx.split(model)
     low_logits = jax.jit(lambda s, x: nnx.merge(graphdef, s, copy=True)(x))(
-        _cast_floats(state, dtype), x32.astype(dtype)
+        models.cast(state, dtype), x32.astype(dtype)
     )
     changes = int(jnp.sum(jnp.argmax(low_logits, axis=-1) != target))
     rows = []
@@ -228,7 +216,7 @@ def fidelity(
         fn, state = baselines.make(model, method)
         run = compilation.jit(fn)
         r32 = np.asarray(run(state, x32, target), np.float64)
-        r_low = np.asarray(run(_cast_floats(state, dtype), x32.astype(dtype), target), np.float64)
+        r_low = np.asarray(run(models.cast(state, dtype), x32.astype(dtype), target), np.float64)
         norm = np.linalg.norm(r32.reshape(len(r32), -1), axis=1)
         diff = np.linalg.norm((r_low - r32).reshape(len(r32), -1), axis=1)
         rel = diff / np.where(norm > 0, norm, 1.0)
@@ -289,91 +277,3 @@ def table(report: dict) -> str:
             f"{t['images_per_second']:.0f} | - | - | - | {t['compile_s']:.2f} |"
         )
     return "\n".join(lines)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="time LRP against the forward pass and the gradient")
-    p.add_argument(
-        "--batch-sizes", default=None, help="comma-separated (default 1,64,256,1024; --peer: 256)"
-    )
-    p.add_argument("--methods", default=None, help="comma-separated (default: all)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="dtype of the weights and inputs timed",
-    )
-    cli_common.add_model_arguments(p)
-    p.add_argument(
-        "--random-model",
-        action="store_true",
-        help="the --model architecture (a shipped one) with random weights: speed alone",
-    )
-    p.add_argument(
-        "--zoo",
-        choices=sorted(zoo.ZOO),
-        help="a model of lrpjax.zoo with random weights (e.g. vit) instead of the miniVGG",
-    )
-    p.add_argument("--train", action="store_true", help="also time the training step")
-    p.add_argument(
-        "--jax-defaults",
-        action="store_true",
-        help="compile with plain jax.jit, without lrpjax's XLA options (for comparison)",
-    )
-    p.add_argument("--json", default="bench.json", help="where to write the results")
-    p.add_argument(
-        "--peer",
-        choices=["zennit"],
-        help="instead: check lrpjax's relevance against Zennit (PyTorch) on the shipped "
-        'images, then time both side by side (needs: pip install "lrpjax[peers]")',
-    )
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    if args.peer:  # lrpjax bench --peer zennit: see lrpjax.peers.zennit
-        from lrpjax.peers import zennit as peers
-
-        return peers.cli(args)
-    args.batch_sizes = args.batch_sizes or "1,64,256,1024"
-    args.methods = args.methods or ",".join(DEFAULT_METHODS)
-    inputs = None
-    if args.zoo:
-        model = zoo.make(args.zoo)
-        inputs = partial(zoo.example_input, args.zoo)
-    elif args.random_model:
-        name = args.model or "minivgg"
-        if name not in models.SHIPPED:
-            raise cli_common.CLIError(
-                f"--random-model builds a shipped architecture ({', '.join(models.SHIPPED)}), "
-                f"not {name!r}"
-            )
-        model = models.SHIPPED[name].factory()
-        model.eval()
-    else:
-        model = cli_common.load_model(args).model
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        method_fn(model, m)  # unknown names fail before any timing
-    with compilation.jax_defaults() if args.jax_defaults else contextlib.nullcontext():
-        report = benchmark(model, sizes, methods, args.repeats, args.dtype, inputs=inputs)
-        report["model"] = f"zoo:{args.zoo}" if args.zoo else (args.model or "minivgg")
-        if args.random_model:
-            report["model"] += " (random weights)"
-        lrp = [m for m in methods if m.startswith("lrp:")]
-        if args.dtype != "float32" and lrp and not args.zoo:
-            from lrpjax import data
-
-            images, _ = data.sample()  # the shipped 100 images: fidelity against float32
-            report["fidelity"] = fidelity(model, images, lrp, args.dtype)
-        if args.train:
-            report["train"] = [train_throughput(bs, args.repeats) for bs in sizes if bs >= 8]
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(table(report))
-    if report.get("fidelity"):
-        print()
-        print(fidelity_table(report["fidelity"]))
-    print(f"wrote {args.json}")
-    return 0

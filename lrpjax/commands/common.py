@@ -8,11 +8,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import numpy as np
+from flax import nnx
+
+from lrpjax import data, models
+from lrpjax.core import composites
+from lrpjax.core.engine import INITS
 
 __all__ = [
     "ArgumentParser",
@@ -60,11 +68,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model`` and ``--checkpoint``."""
-    from lrpjax.models import SHIPPED
-
     p.add_argument(
         "--model",
-        help="a shipped model (" + ", ".join(SHIPPED) + "; default: minivgg), or "
+        help="a shipped model (" + ", ".join(models.SHIPPED) + "; default: minivgg), or "
         "package.module:factory, a function that builds your own Flax NNX model (its weights "
         "from lrpjax.models.save in --checkpoint)",
     )
@@ -103,9 +109,6 @@ def check_rules(composite: str, init: str) -> None:
     Raises:
       CLIError: naming the choices.
     """
-    from lrpjax import INITS
-    from lrpjax.core import composites
-
     if composite not in composites.PRESETS:
         raise CLIError(
             f"unknown composite {composite!r}; choose from {', '.join(composites.PRESETS)}"
@@ -161,11 +164,7 @@ def model_identity(
     A shipped model: its name and its weight file's size and modification time; a weight
     file: its path, size and modification time, and the factory spec that builds it.
     """
-    from lrpjax import models
-
     if path is None:
-        from importlib import resources
-
         label = "shipped" if name == "minivgg" else f"shipped:{name}"
         ref = resources.files("lrpjax") / "assets" / models.SHIPPED[name].weights
         with resources.as_file(ref) as file:
@@ -186,10 +185,6 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
       CLIError: an unknown shipped name, a factory without ``--checkpoint``.
       lrpjax.models.ModelFileError: a missing, corrupt or mismatching weight file.
     """
-    from flax import nnx
-
-    from lrpjax import models
-
     spec = getattr(args, "model", None)
     checkpoint = getattr(args, "checkpoint", None)
     if spec is not None and ":" not in spec:
@@ -265,8 +260,6 @@ def load_data(args: argparse.Namespace) -> Data:
       CLIError: a bad ``--limit``.
       lrpjax.data.DataUnavailableError: no data.
     """
-    from lrpjax import data
-
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be positive, got {args.limit}")
     files = None
@@ -326,10 +319,6 @@ def fit_data(loaded: LoadedModel, data_: Data) -> Fitted:
       ValueError: images of the wrong shape or values, or a model that cannot take them.
       lrpjax.data.DataUnavailableError: a class of the data that the model does not know.
     """
-    import sys
-
-    from lrpjax import data, models
-
     shape = loaded.input_shape or (
         models.INPUT_SHAPE if isinstance(loaded.model, models.MiniVGG) else None
     )
@@ -420,8 +409,6 @@ def init_distributed(
     Raises:
       CLIError: malformed settings, or the processes could not connect.
     """
-    import jax
-
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     num_processes = _env_int("JAX_NUM_PROCESSES", num_processes)
     process_id = _env_int("JAX_PROCESS_ID", process_id)

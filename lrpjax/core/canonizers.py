@@ -3,7 +3,8 @@ r"""Canonizers: function-preserving rewrites of a model before it is explained (
 A canonizer is called as ``canonizer(model, x, composite) -> model`` on a copy of the model
 inside the traced explanation; it changes parameter values (a pure tree operation on that
 copy), never the function the model computes. A composite carries its canonizers
-(``Composite.canonizers``); `with_canonizers` adds them to any composite.
+(``Composite.canonizers``); `lrpjax.core.composites.with_canonizers` adds them to any
+composite.
 
 `MergeBatchNorm` folds inference-mode batch-norm, :math:`y = s \odot x + t` with
 :math:`s = \gamma / \sqrt{\mathrm{var} + \epsilon}` and :math:`t = \beta - \mu s`, into an
@@ -38,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrpjax.core import layer_types
+from lrpjax.core import jaxprs, layer_types, tracing
 
-__all__ = ["MergeBatchNorm", "merge_batchnorm", "with_canonizers"]
+__all__ = ["MergeBatchNorm", "merge_batchnorm"]
 
 #: Operations between a batch-norm and the next layer that keep each element's value.
 _RESHAPES = frozenset(["reshape", "squeeze", "expand_dims", "copy", "copy_p"])
@@ -94,34 +95,20 @@ class MergeBatchNorm:
     def pairs(self, model: nnx.Module, x: jax.Array, composite) -> list[tuple[str, str, str]]:
         """The pairs merged: ``(batch-norm path, layer path, "after" | "before")``, "after"
         where the batch-norm follows the layer."""
-        from lrpjax import engine  # the engine traces; canonizers are applied by it
-
-        closed, gates, units = engine.traced_units(model, x, composite)
+        closed, gates, units = tracing.traced_units(model, x, composite)
         jaxpr = closed.jaxpr
-        consumers: dict[Any, list[int]] = {}
-        producer: dict[Any, int] = {}
-        for i, eqn in enumerate(jaxpr.eqns):
-            for v in eqn.invars:
-                if not hasattr(v, "val"):
-                    consumers.setdefault(v, []).append(i)
-            for v in eqn.outvars:
-                producer[v] = i
-        outputs = {v for v in jaxpr.outvars if not hasattr(v, "val")}
+        flow = jaxprs.Dataflow(jaxpr)
+        only_use = flow.only_use
 
         def operand(i: int) -> Any:
-            eqn = jaxpr.eqns[i]
-            return eqn.invars[eqn.params.get("num_consts", 0)]
-
-        def only_use(v) -> int | None:
-            users = consumers.get(v, [])
-            return users[0] if len(users) == 1 and v not in outputs else None
+            return jaxprs.operand(jaxpr.eqns[i])
 
         found, merged = [], set()
         for i, path in gates.items():
             if not isinstance(units[path], nnx.BatchNorm) or units[path].axis != -1:
                 continue
             a = operand(i)
-            j = producer.get(a)
+            j = flow.producers.get(a)
             after = j in gates and _plain(units[gates[j]]) and only_use(a) == i
             if after and gates[j] not in merged:
                 found.append((path, gates[j], "after"))
@@ -178,11 +165,3 @@ class MergeBatchNorm:
 def merge_batchnorm() -> MergeBatchNorm:
     """The batch-norm merging canonizer; see `MergeBatchNorm`."""
     return MergeBatchNorm()
-
-
-def with_canonizers(composite, *canonizers):
-    """The composite (a preset name, `Composite` or dict) with canonizers added."""
-    from lrpjax.core import composites
-
-    base = composites.get(composite)
-    return base._replace(canonizers=(*base.canonizers, *canonizers))

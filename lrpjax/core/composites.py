@@ -52,6 +52,8 @@ from typing import Any, NamedTuple
 from flax import nnx
 
 from lrpjax.core import canonizers, layer_types, rules
+from lrpjax.core.glue import ACTIVATION, PRODUCT, SOFTMAX
+from lrpjax.core.layer_types import LayerError
 
 __all__ = [
     "ACTIVATION",
@@ -73,14 +75,13 @@ __all__ = [
     "get",
     "sequential_a",
     "sequential_b",
+    "with_canonizers",
     "zero",
 ]
 
 FIRST = "<first>"
 LAST = "<last>"
-ACTIVATION = "<activation>"
-PRODUCT = "<product>"
-SOFTMAX = "<softmax>"
+# ACTIVATION, PRODUCT, SOFTMAX: the glue keys, defined by `lrpjax.core.glue`, which uses them.
 _SPECIAL = (FIRST, LAST, ACTIVATION, PRODUCT, SOFTMAX)
 
 RuleLike = Callable[..., Any]
@@ -140,6 +141,45 @@ class Composite(NamedTuple):
             return rules.embedding()
         return None
 
+    def resolve(self, plan) -> dict[str, rules.Rule]:
+        """The rule of every unit of a traced model (`lrpjax.engine.resolve_rules` takes a
+        model and an input instead).
+
+        Args:
+          plan: the model's units as one call traces them (`lrpjax.core.tracing.Plan`): their
+            paths in call order (``calls``), the modules (``units``) and the units that take
+            the model's input (``takes_input``).
+
+        Returns:
+          ``{path: rule}`` in call order. `FIRST` is the first affine unit (none where the
+          input is token ids, which an embedding takes), `LAST` the last one.
+
+        Raises:
+          LayerError: for a unit without a rule, or a path key that matches no unit.
+        """
+        affine = [p for p in plan.calls if layer_types.is_affine(plan.units[p])]
+        tokens = any(isinstance(plan.units[p], layer_types.EMBEDDINGS) for p in plan.takes_input)
+        first = affine[0] if affine and not tokens else None
+        last = affine[-1] if affine else None
+        resolved = {}
+        for path in plan.calls:
+            layer = plan.units[path]
+            positions = frozenset(k for k, p in ((FIRST, first), (LAST, last)) if p == path)
+            rule = self.rule_for(path, layer, positions)
+            if rule is None:
+                raise LayerError(
+                    f"no rule for layer {path!r} ({type(layer).__name__}) in composite "
+                    f"{self.name}: map its type or path to a rule from lrpjax.core.rules"
+                )
+            resolved[path] = rule
+        for key in self.path_keys():
+            if not any(fnmatch.fnmatchcase(path, key) for path in plan.units):
+                raise LayerError(
+                    f"composite {self.name} maps {key!r}, which matches no layer of the model;"
+                    f" its layer paths are {list(plan.calls)}"
+                )
+        return resolved
+
     def path_keys(self) -> tuple[str, ...]:
         """The keys that name layer paths or globs over them (not positions or glue)."""
         return tuple(k for k, _ in self.mapping if isinstance(k, str) and k not in _SPECIAL)
@@ -167,13 +207,14 @@ def from_mapping(mapping: Mapping[Any, RuleLike], name: str = "custom") -> Compo
     return Composite(name, tuple(mapping.items()))
 
 
-def _preset(name: str, dense, conv, bn, first=None) -> Composite:
-    """Dense layers (`layer_types.DENSE`), convolutions (`CONV`), batch-norm; layer norms
-    take `rules.epsilon` (AttnLRP's rule: the normalising scale held constant)."""
+def _preset(name: str, dense, conv, bn=None, first=None) -> Composite:
+    """Dense layers (`layer_types.DENSE`), convolutions (`CONV`), batch-norm (default
+    `rules.epsilon`); layer norms take `rules.epsilon` (AttnLRP's rule: the normalising
+    scale held constant)."""
     mapping: dict[Any, RuleLike] = {
         layer_types.DENSE: dense,
         layer_types.CONV: conv,
-        layer_types.BATCH_NORMS: bn,
+        layer_types.BATCH_NORMS: bn or rules.epsilon(),
         layer_types.LAYER_NORMS: rules.epsilon(),
     }
     if first is not None:
@@ -188,7 +229,7 @@ def epsilon(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
     (default epsilon(1e-6)).
     """
     rule = rules.epsilon(eps)
-    return _preset(f"epsilon(eps={float(eps)})", rule, rule, batchnorm or rules.epsilon())
+    return _preset(f"epsilon(eps={float(eps)})", rule, rule, batchnorm)
 
 
 def zero(batchnorm: RuleLike | None = None) -> Composite:
@@ -206,16 +247,15 @@ def zero(batchnorm: RuleLike | None = None) -> Composite:
 
 def epsilon_plus(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
     """Mapping: Linear -> epsilon(eps); Conv -> zplus; BatchNorm -> epsilon(1e-6)."""
-    return _preset("epsilon_plus", rules.epsilon(eps), rules.zplus(), batchnorm or rules.epsilon())
+    return _preset("epsilon_plus", rules.epsilon(eps), rules.zplus(), batchnorm)
 
 
 def epsilon_plus_flat(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
     """Mapping: first layer -> flat; Linear -> epsilon(eps); Conv -> zplus;
     BatchNorm -> epsilon(1e-6)."""
     return _preset(
-        "epsilon_plus_flat", rules.epsilon(eps), rules.zplus(), batchnorm or rules.epsilon(),
-        first=rules.flat(),
-    )  # fmt: skip
+        "epsilon_plus_flat", rules.epsilon(eps), rules.zplus(), batchnorm, first=rules.flat()
+    )
 
 
 def epsilon_gamma_box(
@@ -228,25 +268,22 @@ def epsilon_gamma_box(
     """Mapping: first layer -> zbox(low, high); Linear -> epsilon(eps); Conv -> gamma(gamma);
     BatchNorm -> epsilon(1e-6). `low`, `high`: the input's bounds (scalars or per channel)."""
     return _preset(
-        "epsilon_gamma_box", rules.epsilon(eps), rules.gamma(gamma), batchnorm or rules.epsilon(),
+        "epsilon_gamma_box", rules.epsilon(eps), rules.gamma(gamma), batchnorm,
         first=rules.zbox(low, high),
     )  # fmt: skip
 
 
 def epsilon_alpha2_beta1(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
     """Mapping: Linear -> epsilon(eps); Conv -> alpha_beta(2, 1); BatchNorm -> epsilon(1e-6)."""
-    return _preset(
-        "epsilon_alpha2_beta1", rules.epsilon(eps), rules.alpha_beta(2, 1),
-        batchnorm or rules.epsilon(),
-    )  # fmt: skip
+    return _preset("epsilon_alpha2_beta1", rules.epsilon(eps), rules.alpha_beta(2, 1), batchnorm)
 
 
 def epsilon_alpha2_beta1_flat(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
     """Mapping: first layer -> flat; Linear -> epsilon(eps); Conv -> alpha_beta(2, 1);
     BatchNorm -> epsilon(1e-6)."""
     return _preset(
-        "epsilon_alpha2_beta1_flat", rules.epsilon(eps), rules.alpha_beta(2, 1),
-        batchnorm or rules.epsilon(), first=rules.flat(),
+        "epsilon_alpha2_beta1_flat", rules.epsilon(eps), rules.alpha_beta(2, 1), batchnorm,
+        first=rules.flat(),
     )  # fmt: skip
 
 
@@ -257,9 +294,8 @@ def sequential_a(eps: float = 0.25, batchnorm: RuleLike | None = None) -> Compos
     Mapping: Linear -> epsilon(eps); Conv -> alpha_beta(1, 0); BatchNorm -> epsilon(1e-6).
     """
     return _preset(
-        f"sequential_a(eps={float(eps)})", rules.epsilon(eps), rules.alpha_beta(1, 0),
-        batchnorm or rules.epsilon(),
-    )  # fmt: skip
+        f"sequential_a(eps={float(eps)})", rules.epsilon(eps), rules.alpha_beta(1, 0), batchnorm
+    )
 
 
 def sequential_b(eps: float = 0.25, batchnorm: RuleLike | None = None) -> Composite:
@@ -269,9 +305,8 @@ def sequential_b(eps: float = 0.25, batchnorm: RuleLike | None = None) -> Compos
     Mapping: Linear -> epsilon(eps); Conv -> alpha_beta(2, 1); BatchNorm -> epsilon(1e-6).
     """
     return _preset(
-        f"sequential_b(eps={float(eps)})", rules.epsilon(eps), rules.alpha_beta(2, 1),
-        batchnorm or rules.epsilon(),
-    )  # fmt: skip
+        f"sequential_b(eps={float(eps)})", rules.epsilon(eps), rules.alpha_beta(2, 1), batchnorm
+    )
 
 
 def cp_lrp(eps: float = 1e-6, batchnorm: RuleLike | None = None) -> Composite:
@@ -322,3 +357,10 @@ def get(composite: str | Composite | Mapping[Any, RuleLike]) -> Composite:
     if isinstance(composite, Mapping):
         return from_mapping(composite)
     raise TypeError(f"a composite is a preset name, a Composite or a dict, not {composite!r}")
+
+
+def with_canonizers(composite: str | Composite | Mapping[Any, RuleLike], *canonizers) -> Composite:
+    """The composite (a preset name, `Composite` or dict) with canonizers
+    (`lrpjax.core.canonizers`) added after its own."""
+    base = get(composite)
+    return base._replace(canonizers=(*base.canonizers, *canonizers))

@@ -43,18 +43,29 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
+from lrpjax.core import jaxprs
 from lrpjax.core.layer_types import LayerError
 from lrpjax.core.rules import HoldConstant, Rule
 
 __all__ = [
+    "ACTIVATION",
     "GATE_NAME",
     "LINEAR",
     "NONLINEAR",
+    "PRODUCT",
+    "SOFTMAX",
     "evaluate",
     "is_gate",
     "relevance_gate",
     "strip_output_softmax",
+    "zero_cotangent",
 ]
+
+#: The kinds of glue with a rule of their own: the keys a composite maps them by
+#: (`lrpjax.core.composites` re-exports them).
+ACTIVATION = "<activation>"
+PRODUCT = "<product>"
+SOFTMAX = "<softmax>"
 
 #: The name of the backward function of the engine's layer gates, by which they are found.
 GATE_NAME = "_lrpjax_layer_bwd"
@@ -162,16 +173,6 @@ _ELEMENTWISE = NONLINEAR | frozenset(
     ]
 )
 _BILINEAR = frozenset(["mul", "dot_general", "conv_general_dilated"])
-CALL_PARAMS = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "remat": "jaxpr",
-    "checkpoint": "jaxpr",
-}
 _SOFTMAX_CHAIN = frozenset(["broadcast_in_dim", "reshape", "expand_dims", "convert_element_type"])
 
 
@@ -191,7 +192,8 @@ def _is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
-def _zero_cotangent(x: Any) -> Any:
+def zero_cotangent(x: Any) -> Any:
+    """The zero cotangent of `x`: zeros for floats, float0 zeros for integers."""
     if _is_float(x):
         return jnp.zeros_like(x)
     return np.zeros(np.shape(x), jax.dtypes.float0)
@@ -224,7 +226,7 @@ def relevance_gate(
         c_in, _ = rule.backward(layer, a, y, c)
         c_in = tuple(c_in) if len(inputs) > 1 else (c_in,)
         c_in = tuple(ci.astype(x.dtype) for ci, x in zip(c_in, inputs, strict=True))
-        return c_in, jax.tree.map(_zero_cotangent, consts)
+        return c_in, jax.tree.map(zero_cotangent, consts)
 
     gate.defvjp(fwd, bwd)
     return gate(tuple(inputs), tuple(consts))
@@ -251,18 +253,14 @@ def _softmax_groups(jaxpr) -> dict[int, list[int]]:
     Returns: the index of each softmax's exp -> indices of its equations, exp first and the
     division last.
     """
-    consumers: dict[Any, list[int]] = {}
-    for i, eqn in enumerate(jaxpr.eqns):
-        for v in eqn.invars:
-            if isinstance(v, jax_core.Var):
-                consumers.setdefault(v, []).append(i)
-    outs = {v for v in jaxpr.outvars if isinstance(v, jax_core.Var)}
+    flow = jaxprs.Dataflow(jaxpr)
+    consumers, outs = flow.consumers, flow.outputs
     groups = {}
     for i, eqn in enumerate(jaxpr.eqns):
         if eqn.primitive.name != "exp" or eqn.outvars[0] in outs:
             continue
         r = eqn.outvars[0]
-        users = consumers.get(r, [])
+        users = flow.uses(r)
         by_name = {jaxpr.eqns[j].primitive.name: j for j in users}
         if len(users) != 2 or set(by_name) != {"reduce_sum", "div"}:
             continue
@@ -294,20 +292,20 @@ class _Evaluation:
         self.pending: dict[Any, _Activation] = {}
 
     def read(self, v) -> Any:
-        if isinstance(v, jax_core.Literal):
+        if jaxprs.is_literal(v):
             return v.val
         if v in self.pending:  # an activation used as a value: evaluate it under its rule
             act = self.pending.pop(v)
             self.values[v] = relevance_gate(
-                self.glue_rule("<activation>"), act.fn, (act.base,), act.consts
+                self.glue_rule(ACTIVATION), act.fn, (act.base,), act.consts
             )
         return self.values[v]
 
     def is_pending(self, v) -> bool:
-        return not isinstance(v, jax_core.Literal) and v in self.pending
+        return not jaxprs.is_literal(v) and v in self.pending
 
     def is_relevant(self, v) -> bool:
-        return not isinstance(v, jax_core.Literal) and self.relevant.get(v, False)
+        return not jaxprs.is_literal(v) and self.relevant.get(v, False)
 
     def write(self, v, value: Any, relevant: bool) -> None:
         self.values[v] = value
@@ -333,8 +331,8 @@ def evaluate(
       consts: values of its constvars (not relevant).
       args: values of its invars.
       relevant: which args carry relevance (input-dependent floating-point values).
-      glue_rule: ``glue_rule(kind) -> Rule`` for ``"<activation>"``, ``"<product>"``,
-        ``"<softmax>"`` (`lrpjax.core.composites.Composite.glue_rule`).
+      glue_rule: ``glue_rule(kind) -> Rule`` for `ACTIVATION`, `PRODUCT` and `SOFTMAX`
+        (`lrpjax.core.composites.Composite.glue_rule`).
       calls: the call equations (jit, ...) `jaxpr` is inside, for error messages.
 
     Returns:
@@ -375,11 +373,11 @@ def _softmax(ev: _Evaluation, members: list) -> None:
     def fn(u, consts):
         env = {exp.invars[0]: u}
         for member in members:
-            values = [v.val if isinstance(v, jax_core.Literal) else env[v] for v in member.invars]
+            values = [v.val if jaxprs.is_literal(v) else env[v] for v in member.invars]
             env.update(zip(member.outvars, _bind(member, values), strict=True))
         return env[div.outvars[0]]
 
-    rule = ev.glue_rule("<softmax>")
+    rule = ev.glue_rule(SOFTMAX)
     u = ev.read(exp.invars[0])
     if isinstance(rule, HoldConstant):
         ev.write(div.outvars[0], jax.lax.stop_gradient(fn(u, ())), False)
@@ -400,7 +398,7 @@ def _equation(ev: _Evaluation, eqn) -> None:
     if name == "stop_gradient":
         ev.write_all(eqn.outvars, _bind(eqn, [ev.read(v) for v in eqn.invars]), False)
         return
-    if name in CALL_PARAMS:
+    if name in jaxprs.CALL_PARAMS:
         _call(ev, eqn, relevant)
         return
     if _extend_activation(ev, eqn, relevant):
@@ -411,7 +409,7 @@ def _equation(ev: _Evaluation, eqn) -> None:
         def product(x, y, consts):
             return _bind(eqn, [x, y])[0]
 
-        ev.write(eqn.outvars[0], relevance_gate(ev.glue_rule("<product>"), product, (x, y)), True)
+        ev.write(eqn.outvars[0], relevance_gate(ev.glue_rule(PRODUCT), product, (x, y)), True)
         return
     if name in LINEAR and (_linear_ok(name, relevant) or _relu(eqn, relevant)):
         ev.write_all(eqn.outvars, _bind(eqn, [ev.read(v) for v in eqn.invars]), True)
@@ -443,9 +441,7 @@ def _relu(eqn, relevant: list[bool]) -> bool:
     return (
         eqn.primitive.name in ("max", "min")
         and sum(relevant) == 1
-        and any(
-            isinstance(v, jax_core.Literal) and np.all(np.asarray(v.val) == 0) for v in eqn.invars
-        )
+        and any(jaxprs.literal_zero(v) for v in eqn.invars)
     )
 
 
@@ -460,11 +456,7 @@ def _linear_ok(name: str, relevant: list[bool]) -> bool:
 
 
 def _call(ev: _Evaluation, eqn, relevant: list[bool]) -> None:
-    inner = eqn.params[CALL_PARAMS[eqn.primitive.name]]
-    if isinstance(inner, jax_core.ClosedJaxpr):
-        jaxpr, consts = inner.jaxpr, inner.consts
-    else:
-        jaxpr, consts = inner, ()
+    jaxpr, consts = jaxprs.body(eqn)
     outs, out_relevant = evaluate(
         jaxpr, consts, [ev.read(v) for v in eqn.invars], relevant, ev.glue_rule, (*ev.calls, eqn)
     )
@@ -534,36 +526,27 @@ def _nonlinear(name: str, relevant: list[bool]) -> bool:
 # --- a softmax or log-softmax at the model's output ---------------------------------------
 
 
-def _producers(jaxpr) -> dict[Any, Any]:
-    return {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
-
-
-def _through(producers: dict, v: Any, names: frozenset = _SOFTMAX_CHAIN) -> Any:
+def _through(flow: jaxprs.Dataflow, v: Any, names: frozenset = _SOFTMAX_CHAIN) -> Any:
     """`v` followed back through broadcasts, reshapes and casts."""
-    while v in producers and producers[v].primitive.name in names:
-        v = producers[v].invars[0]
+    while (eqn := flow.producer(v)) is not None and eqn.primitive.name in names:
+        v = eqn.invars[0]
     return v
 
 
-def _is_eqn(producers: dict, v: Any, name: str):
-    eqn = producers.get(v)
-    return eqn if eqn is not None and eqn.primitive.name == name else None
-
-
-def _shift_removed(producers: dict, u: Any) -> Any:
+def _shift_removed(flow: jaxprs.Dataflow, u: Any) -> Any:
     """``c`` for ``u = c - stop_gradient(max(c))`` (the stable softmax's shift), else u."""
-    sub = _is_eqn(producers, u, "sub")
-    if sub is not None and isinstance(sub.invars[1], jax_core.Var):
-        shift = _through(producers, sub.invars[1])
-        if _is_eqn(producers, shift, "stop_gradient") is not None:
+    sub = flow.producer(u, "sub")
+    if sub is not None and not jaxprs.is_literal(sub.invars[1]):
+        shift = _through(flow, sub.invars[1])
+        if flow.producer(shift, "stop_gradient") is not None:
             return sub.invars[0]
     return u
 
 
-def _normalised_exp(producers: dict, numerator: Any, denominator: Any, axis: int) -> Any:
+def _normalised_exp(flow: jaxprs.Dataflow, numerator: Any, denominator: Any, axis: int) -> Any:
     """``u`` where ``numerator = exp(u)`` and ``denominator`` is its sum over `axis`."""
-    exp = _is_eqn(producers, numerator, "exp")
-    total = _is_eqn(producers, _through(producers, denominator), "reduce_sum")
+    exp = flow.producer(numerator, "exp")
+    total = flow.producer(_through(flow, denominator), "reduce_sum")
     if exp is None or total is None or total.invars[0] is not numerator:
         return None
     if tuple(total.params["axes"]) != (axis,):
@@ -573,26 +556,24 @@ def _normalised_exp(producers: dict, numerator: Any, denominator: Any, axis: int
 
 def _output_normaliser(jaxpr, out: Any) -> tuple[str, Any] | None:
     """``(kind, logits var)`` where `out` is a softmax or log-softmax over the last axis."""
-    producers = _producers(jaxpr)
+    flow = jaxprs.Dataflow(jaxpr)
     axis = len(out.aval.shape) - 1
-    div = _is_eqn(producers, out, "div")
+    div = flow.producer(out, "div")
     if div is not None:
-        u = _normalised_exp(producers, div.invars[0], div.invars[1], axis)
+        u = _normalised_exp(flow, div.invars[0], div.invars[1], axis)
         if u is not None:
-            return "softmax", _shift_removed(producers, u)
-    sub = _is_eqn(producers, out, "sub")
+            return "softmax", _shift_removed(flow, u)
+    sub = flow.producer(out, "sub")
     if sub is not None:
-        log = _is_eqn(producers, _through(producers, sub.invars[1]), "log")
+        log = flow.producer(_through(flow, sub.invars[1]), "log")
         if log is not None:
-            summed = _through(producers, log.invars[0])
-            total = _is_eqn(producers, summed, "reduce_sum")
-            exp = total is not None and _is_eqn(producers, total.invars[0], "exp")
+            total = flow.producer(_through(flow, log.invars[0]), "reduce_sum")
+            exp = total is not None and flow.producer(total.invars[0], "exp")
             if exp and exp.invars[0] is sub.invars[0] and tuple(total.params["axes"]) == (axis,):
-                return "log_softmax", _shift_removed(producers, sub.invars[0])
-    call = producers.get(out)
-    if call is not None and call.primitive.name in CALL_PARAMS:
-        inner = call.params[CALL_PARAMS[call.primitive.name]]
-        inner = getattr(inner, "jaxpr", inner)
+                return "log_softmax", _shift_removed(flow, sub.invars[0])
+    call = flow.producer(out)
+    if call is not None and call.primitive.name in jaxprs.CALL_PARAMS:
+        inner, _ = jaxprs.body(call)
         found = _output_normaliser(inner, inner.outvars[call.outvars.index(out)])
         if found is not None:
             kind, logits = found
@@ -604,17 +585,6 @@ def _output_normaliser(jaxpr, out: Any) -> tuple[str, Any] | None:
                 "model without its final softmax)"
             )
     return None
-
-
-def _live(jaxpr, outvars: list) -> list:
-    """The equations of `jaxpr` that `outvars` depend on, in order."""
-    needed = {v for v in outvars if isinstance(v, jax_core.Var)}
-    kept = []
-    for eqn in reversed(jaxpr.eqns):
-        if any(v in needed for v in eqn.outvars) or eqn.effects:
-            kept.append(eqn)
-            needed.update(v for v in eqn.invars if isinstance(v, jax_core.Var))
-    return kept[::-1]
 
 
 def strip_output_softmax(closed) -> tuple[Any, str | None]:
@@ -637,11 +607,11 @@ def strip_output_softmax(closed) -> tuple[Any, str | None]:
         reached.
     """
     jaxpr = closed.jaxpr
-    if len(jaxpr.outvars) != 1 or not isinstance(jaxpr.outvars[0], jax_core.Var):
+    if len(jaxpr.outvars) != 1 or jaxprs.is_literal(jaxpr.outvars[0]):
         return closed, None
     found = _output_normaliser(jaxpr, jaxpr.outvars[0])
     if found is None:
         return closed, None
     kind, logits = found
-    stripped = jaxpr.replace(outvars=[logits], eqns=_live(jaxpr, [logits]))
+    stripped = jaxpr.replace(outvars=[logits], eqns=jaxprs.live(jaxpr, [logits]))
     return jax_core.ClosedJaxpr(stripped, closed.consts), kind

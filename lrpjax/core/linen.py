@@ -34,7 +34,7 @@ Example::
     bridged = nnx.bridge.ToNNX(LinenCNN(), rngs=nnx.Rngs(0))
     nnx.bridge.lazy_init(bridged, x)
     R = lrpjax.explain(bridged, x)  # converted by itself
-    model = lrpjax.core.linen.convert(bridged, x)  # or once, e.g. for lrpjax.explainer
+    model = lrpjax.linen.convert(bridged, x)  # or once, e.g. for lrpjax.explainer
     model = lrpjax.core.linen.from_linen(LinenCNN(), variables, x)  # from Linen's own variables
 """
 
@@ -484,7 +484,7 @@ class LinenModel(nnx.Module):
             raise LayerError(
                 f"Linen {type(module).__name__} {_path_str(path)!r} was not called when the "
                 "model was converted; convert it with inputs that take this path "
-                "(lrpjax.core.linen.convert(model, x))"
+                "(lrpjax.linen.convert(model, x))"
             )
         node = self
         for key in path:
@@ -645,6 +645,6 @@ def check_converted(model: Any) -> None:
     if has_linen(model):
         raise LayerError(
             "the model holds a bridged Linen module (nnx.bridge.ToNNX); convert it first "
-            "with model = lrpjax.core.linen.convert(model, x) for an input batch x "
+            "with model = lrpjax.linen.convert(model, x) for an input batch x "
             "(lrpjax.explain does this by itself)"
         )

@@ -47,6 +47,7 @@ from flax import nnx
 
 from lrpjax.analysis import baselines
 from lrpjax.analysis.metrics.registry import register
+from lrpjax.analysis.metrics.scoring import logits, resolve_target
 from lrpjax.core import compilation, engine
 
 __all__ = [
@@ -380,8 +381,6 @@ def random_logit(
         raise ValueError("random_logit needs explain(x, target) -> maps")
     if similarity not in ("ssim", "spearman"):
         raise ValueError(f"unknown similarity {similarity!r}; choose from ssim, spearman")
-    from lrpjax.analysis.metrics.axiomatic import logits, resolve_target  # (imports this)
-
     x = jnp.asarray(x)
     scores = logits(model, x)
     n, classes = scores.shape
