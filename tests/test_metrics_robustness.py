@@ -148,8 +148,14 @@ def test_relative_stability_against_a_loop(output):
     np.testing.assert_allclose(got, np.where(changed, -np.inf, values).max(-1), rtol=1e-4)
     kept = metrics.get(name)(model, x, maps, t, exclude_changed=False, **kw)
     np.testing.assert_allclose(kept, values.max(-1), rtol=1e-4)
-    # every sample changes the class of a model that flips at the slightest change: NaN
-    assert metrics.get(name)(model, x, maps, t, **{**kw, "lower_bound": 50.0}).size == 4
+    # a large positive shift moves images 0 and 2 to class 0 in every sample: NaN
+    values, changed = _loop(
+        logits, gxi, x, t, key, samples, lambda *a: _relative(*a, output=output), low=2, high=3
+    )
+    np.testing.assert_array_equal(changed.all(-1), [True, False, True, False])
+    shifted = metrics.get(name)(model, x, maps, t, **{**kw, "lower_bound": 2, "upper_bound": 3})
+    np.testing.assert_array_equal(np.isnan(shifted), changed.all(-1))
+    np.testing.assert_allclose(shifted[1::2], values[1::2].max(-1), rtol=1e-4)
 
 
 def test_relative_stability_defaults_follow_quantus():
