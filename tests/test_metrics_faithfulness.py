@@ -489,18 +489,25 @@ def test_irof_against_a_loop():
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-def test_irof_superpixels_need_scikit_image():
+def test_irof_uses_slic_superpixels():
+    slic = pytest.importorskip("skimage.segmentation", reason="needs scikit-image").slic
     model, _, x, maps, t = _setup(n=2)
-    try:
-        from skimage.segmentation import slic
-    except ImportError:
-        with pytest.raises(ImportError, match="pip install scikit-image"):
-            metrics.irof(model, x, maps, t)
-        return
     segments = np.stack([slic(img.astype(np.float64), start_label=0) for img in x])
     np.testing.assert_allclose(
         metrics.irof(model, x, maps, t), metrics.irof(model, x, maps, t, segments=segments)
     )
+
+
+def test_irof_without_scikit_image_says_how_to_install_it():
+    try:
+        import skimage  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("scikit-image is installed")
+    model, _, x, maps, t = _setup(n=2)
+    with pytest.raises(ImportError, match="pip install scikit-image"):
+        metrics.irof(model, x, maps, t)
 
 
 # --- the registry ----------------------------------------------------------------------------

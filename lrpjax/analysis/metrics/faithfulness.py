@@ -13,8 +13,9 @@ default: the image's minimum over all entries), ``"white"`` (its maximum), ``"me
 image, `lrpjax.analysis.metrics.perturbation`'s, sigma 1 or half the patch) or
 ``"uniform"`` (noise in [0, 1), one draw per image: image i's from
 ``fold_in(fold_in(key, FILL_STREAM), i)``). Quantus takes the
-baseline of the array being perturbed at each step; here it is always the original
-image's (the same for ``"black"`` and ``"white"``, which removal does not move). Rankings
+baseline of the array being perturbed at each step, and its ``"uniform"`` is one number
+per image and step; here the fill is always the original image's (the same for
+``"black"`` and ``"white"``, which removal does not move). Rankings
 break ties by pixel index, row-major (a stable sort; Quantus's ``np.argsort`` breaks
 them arbitrarily). With :math:`x_{\setminus S}` the image with the pixels S removed and
 :math:`\mathrm{AUC}(c) = \sum_{k=1}^{L-1} (c_k + c_{k+1}) / 2` the trapezoidal area of a
@@ -185,7 +186,7 @@ def _images(x, maps, name: str) -> tuple[jax.Array, jax.Array]:
         r = r.sum(-1)
     if r.shape != x.shape[:3]:
         raise ValueError(f"{name}: maps of shape {np.shape(maps)} for images {x.shape}")
-    return x, r.astype(x.dtype)
+    return x, r.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _key(key) -> jax.Array:
