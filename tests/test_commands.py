@@ -200,6 +200,22 @@ def test_other_composite_and_init_run(tmp_path, extra):
     assert extra[1] in stdout
 
 
+def test_a_saved_composite_file_is_explained_and_recorded(tmp_path, sample_data, pretrained):
+    tuned = lrpjax.composites.epsilon_gamma_box(gamma=0.5)
+    path = tmp_path / "tuned.json"
+    lrpjax.composites.save(tuned, path)
+    out = tmp_path / "out"
+    code, _, err = explain_cli(out, "--composite", str(path))
+    assert code == 0, err
+    expected = np.asarray(lrpjax.explain(pretrained, sample_data[0][:LIMIT], composite=tuned))
+    np.testing.assert_allclose(np.load(out / "relevance.npy"), expected, rtol=1e-4, atol=1e-6)
+    recorded = json.loads((out / "summary.json").read_text())["settings"]["composite"]
+    assert lrpjax.composites.from_json(recorded) == tuned  # the contents, not the file name
+    path.write_text("{")
+    code, _, err = explain_cli(tmp_path / "bad", "--composite", str(path))
+    assert code == 2 and "not a readable JSON composite" in err
+
+
 def test_image_folder_data(tmp_path, image_folder, image_folder_expected):
     """--data-dir with a split/class/image folder (conftest: 3 classes x 4 images)."""
     out = tmp_path / "out"

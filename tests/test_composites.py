@@ -3,6 +3,8 @@ name lookup, equality (for jit cache hits), and composites given to `lrpjax.expl
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -293,3 +295,64 @@ def _check_zero_input_relevance(model, x, first):
     np.testing.assert_allclose(at_first.sum(1), logit, rtol=1e-4)  # the layer conserves
     assert np.abs(at_first.reshape(len(x), -1)[:, :2]).min() > 0  # zeros do get some
     np.testing.assert_allclose(r, at_first.reshape(len(x), -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(composites.PRESETS))
+def test_every_preset_survives_a_json_file(name, tmp_path):
+    path = tmp_path / f"{name}.json"
+    composites.save(name, path, scores={"morf": 1.5})
+    loaded = composites.load(path)
+    assert loaded == composites.get(name)
+    assert composites.get(str(path)) == loaded
+    assert json.loads(path.read_text())["scores"] == {"morf": 1.5}
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_a_saved_custom_composite_explains_as_the_original(tmp_path):
+    model = Direct(nnx.Rngs(3))
+    x = np.abs(_x((3, 6), seed=4)) / 3
+    custom = {
+        "l1": rules.zbox((0.0,) * 6, (1.0,) * 6),
+        composites.LAST: rules.epsilon(0.25),
+        nnx.Linear: rules.gamma(0.5),
+        lrpjax.layer_types.DENSE: rules.alpha_beta(2, 1),
+        composites.SOFTMAX: rules.hold_constant(),
+    }
+    composites.save(custom, tmp_path / "c.json")
+    expected = lrpjax.explain(model, x, composite=custom)
+    got = lrpjax.explain(model, x, composite=str(tmp_path / "c.json"))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+class _UserLayer(nnx.Module):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{", "not a readable JSON composite"),
+        ('{"format": "other"}', "not an lrpjax composite"),
+        ('{"format": "lrpjax-composite", "mapping": [{"key": {"path": "a"}, "rule": "Evil"}]}',
+         "unknown rule 'Evil'"),
+        ('{"format": "lrpjax-composite", "mapping": [{"key": {"type": "os.system"}, '
+         '"rule": "Z"}]}', "unknown layer type 'os.system'"),
+        ('{"format": "lrpjax-composite", "mapping": [{"key": {"path": "a"}, "rule": "Gamma", '
+         '"params": {"gama": 1}}]}', "no parameters"),
+        ('{"format": "lrpjax-composite"}', "missing 'mapping'"),
+    ],
+)  # fmt: skip
+def test_bad_composite_files_are_clear_errors(content, message, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        composites.load(path)
+
+
+def test_what_a_file_cannot_name_safely_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="cannot be saved"):
+        composites.save({_UserLayer: rules.z()}, tmp_path / "x.json")
+    with pytest.raises(ValueError, match="cannot be saved"):
+        composites.save({"a": lambda layer, a, R: R}, tmp_path / "x.json")
+    with pytest.raises(ValueError, match="no composite file"):
+        composites.load(tmp_path / "missing.json")

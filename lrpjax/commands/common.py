@@ -109,12 +109,26 @@ def check_rules(composite: str, init: str) -> None:
     Raises:
       CLIError: naming the choices.
     """
-    if composite not in composites.PRESETS:
+    if composite.endswith(".json"):  # a composite saved by lrpjax.composites.save
+        try:
+            composites.load(composite)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
+    elif composite not in composites.PRESETS:
         raise CLIError(
-            f"unknown composite {composite!r}; choose from {', '.join(composites.PRESETS)}"
+            f"unknown composite {composite!r}; choose from {', '.join(composites.PRESETS)} "
+            "or a .json file saved by lrpjax.composites.save"
         )
     if init not in INITS:
         raise CLIError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
+
+
+def composite_setting(composite: str) -> str | dict:
+    """What a run records of ``--composite``: the preset name, or a saved file's contents
+    (so that a changed file is another run, not a resumed one)."""
+    if composite.endswith(".json"):
+        return composites.to_json(composites.load(composite))
+    return composite
 
 
 def check_writable(out: Path) -> None:

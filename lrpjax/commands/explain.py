@@ -12,6 +12,7 @@ from lrpjax.commands.common import (
     check_rules,
     check_target,
     check_writable,
+    composite_setting,
     fit_data,
     init_distributed,
     load_data,
@@ -41,7 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--composite",
         default=DEFAULT,
-        help=f"one of: {', '.join(PRESETS)} (epsilon: LRP-epsilon, the reference's rule)",
+        help=f"one of: {', '.join(PRESETS)} (epsilon: LRP-epsilon, the reference's rule), or "
+        "a .json file written by lrpjax.composites.save",
     )
     p.add_argument("--init", default="logit", help=f"output relevance: {', '.join(INITS)}")
     p.add_argument("--target", default="pred", help="pred, label, or a class index")
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         "model": loaded.identity,
         "data": fitted.identity,
         "limit": args.limit,
-        "composite": args.composite,
+        "composite": composite_setting(args.composite),
         "init": args.init,
         "target": target,
     }

@@ -45,19 +45,24 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import json
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from flax import nnx
 
-from lrpjax.core import canonizers, layer_types, rules
+from lrpjax.core import canonizers, layer_types, layers, rules
 from lrpjax.core.glue import ACTIVATION, PRODUCT, SOFTMAX
 from lrpjax.core.layer_types import LayerError
 
 __all__ = [
     "ACTIVATION",
     "DEFAULT",
+    "FILE_FORMAT",
     "FIRST",
     "GLUE_DEFAULTS",
     "LAST",
@@ -72,9 +77,13 @@ __all__ = [
     "epsilon_gamma_box",
     "epsilon_plus",
     "epsilon_plus_flat",
+    "from_json",
     "get",
+    "load",
+    "save",
     "sequential_a",
     "sequential_b",
+    "to_json",
     "with_canonizers",
     "zero",
 ]
@@ -343,14 +352,17 @@ DEFAULT = "epsilon_gamma_box"
 
 
 def get(composite: str | Composite | Mapping[Any, RuleLike]) -> Composite:
-    """Resolve a preset name, a `Composite`, or a dict into a `Composite`.
+    """Resolve a preset name, a saved composite (a ``.json`` file of `save`), a `Composite`,
+    or a dict into a `Composite`.
 
     Raises:
-      ValueError: for an unknown preset name, listing the known ones.
+      ValueError: for an unknown preset name, listing the known ones, or a bad file.
     """
     if isinstance(composite, Composite):
         return composite
     if isinstance(composite, str):
+        if composite.endswith(".json"):
+            return load(composite)
         if composite not in PRESETS:
             raise ValueError(f"unknown composite {composite!r}; presets: {', '.join(PRESETS)}")
         return PRESETS[composite]()
@@ -364,3 +376,157 @@ def with_canonizers(composite: str | Composite | Mapping[Any, RuleLike], *canoni
     (`lrpjax.core.canonizers`) added after its own."""
     base = get(composite)
     return base._replace(canonizers=(*base.canonizers, *canonizers))
+
+
+# --- composites as JSON files -------------------------------------------------------------
+
+#: Format tag of `save`'s files.
+FILE_FORMAT = "lrpjax-composite"
+_GROUPS = {g.name: g for g in (
+    layer_types.DENSE, layer_types.CONV, layer_types.BATCH_NORMS, layer_types.LAYER_NORMS,
+)}  # fmt: skip
+#: Modules whose layer types a file may name: an allow-list, so that loading a file never
+#: imports or runs code of its choosing.
+_TYPE_MODULES = {"flax.nnx": nnx, "lrpjax.core.layers": layers}
+
+
+def _rule_classes() -> dict[str, type]:
+    return {
+        name: cls
+        for name, cls in vars(rules).items()
+        if isinstance(cls, type) and issubclass(cls, rules.Rule) and cls is not rules.Rule
+        and not name.startswith("_") and dataclasses.is_dataclass(cls)
+    }  # fmt: skip
+
+
+def _key_to_json(key: Any) -> dict:
+    if isinstance(key, layer_types.LayerGroup):
+        return {"group": key.name}
+    if isinstance(key, str):
+        return {"special": key} if key in _SPECIAL else {"path": key}
+    for module_name, module in _TYPE_MODULES.items():
+        if getattr(module, key.__name__, None) is key:
+            return {"type": f"{module_name}.{key.__name__}"}
+    raise ValueError(
+        f"layer type {key.__module__}.{key.__qualname__} cannot be saved: a file names types "
+        f"of {', '.join(_TYPE_MODULES)} only; map its path or a layer group instead"
+    )
+
+
+def _key_from_json(entry: Mapping) -> Any:
+    if "group" in entry:
+        if entry["group"] not in _GROUPS:
+            raise ValueError(f"unknown layer group {entry['group']!r}; groups: {list(_GROUPS)}")
+        return _GROUPS[entry["group"]]
+    if "special" in entry:
+        if entry["special"] not in _SPECIAL:
+            raise ValueError(f"unknown position or glue key {entry['special']!r}")
+        return entry["special"]
+    if "path" in entry:
+        return str(entry["path"])
+    if "type" in entry:
+        module_name, _, name = str(entry["type"]).rpartition(".")
+        found = getattr(_TYPE_MODULES.get(module_name), name, None)
+        if not isinstance(found, type):
+            raise ValueError(f"unknown layer type {entry['type']!r}")
+        return found
+    raise ValueError(f"a key is a group, special, path or type entry, not {dict(entry)}")
+
+
+def _rule_to_json(rule: Any) -> dict:
+    rule = rules.as_rule(rule)
+    name = type(rule).__name__
+    if _rule_classes().get(name) is not type(rule):
+        raise ValueError(f"rule {rule!r} cannot be saved: only the rules of lrpjax.rules can")
+    params = {}
+    for field in dataclasses.fields(rule):
+        value = getattr(rule, field.name)
+        params[field.name] = list(value) if isinstance(value, tuple) else value
+    return {"rule": name, "params": params}
+
+
+def _rule_from_json(entry: Mapping) -> rules.Rule:
+    cls = _rule_classes().get(str(entry.get("rule")))
+    if cls is None:
+        raise ValueError(f"unknown rule {entry.get('rule')!r}; rules: {sorted(_rule_classes())}")
+    params = dict(entry.get("params", {}))
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(params) - names:
+        raise ValueError(f"rule {cls.__name__} has no parameters {sorted(set(params) - names)}")
+    for name in ("low", "high"):  # z^B's bounds: scalars or per-channel tuples
+        if isinstance(params.get(name), list):
+            params[name] = tuple(float(v) for v in params[name])
+    return cls(**params)
+
+
+def to_json(composite: str | Composite | Mapping[Any, RuleLike], **extra: Any) -> dict:
+    """A composite as a JSON-serialisable dict (`from_json` reads it back).
+
+    Args:
+      composite: a preset name, `Composite` or dict; its keys may be paths, positions, glue
+        kinds, layer groups, and layer types of ``flax.nnx`` or ``lrpjax.layers``.
+      extra: JSON fields kept beside it (e.g. the scores a tuner measured).
+
+    Raises:
+      ValueError: a user layer type or a rule outside `lrpjax.rules`, which a file cannot
+        name safely.
+    """
+    c = get(composite)
+    canon = []
+    for canonizer in c.canonizers:
+        if type(canonizer) is not canonizers.MergeBatchNorm:
+            raise ValueError(f"canonizer {canonizer!r} cannot be saved")
+        canon.append(type(canonizer).__name__)
+    return {
+        "format": FILE_FORMAT,
+        "name": c.name,
+        "mapping": [{"key": _key_to_json(k), **_rule_to_json(r)} for k, r in c.mapping],
+        "canonizers": canon,
+        **extra,
+    }
+
+
+def from_json(data: Mapping) -> Composite:
+    """The `Composite` of a `to_json` dict.
+
+    Raises:
+      ValueError: not such a dict, or one naming an unknown rule, key, type or canonizer.
+    """
+    if not isinstance(data, Mapping) or data.get("format") != FILE_FORMAT:
+        raise ValueError(f'not an lrpjax composite (no "format": "{FILE_FORMAT}")')
+    mapping = tuple((_key_from_json(e["key"]), _rule_from_json(e)) for e in data["mapping"])
+    canon = []
+    for name in data.get("canonizers", []):
+        if name != canonizers.MergeBatchNorm.__name__:
+            raise ValueError(f"unknown canonizer {name!r}")
+        canon.append(canonizers.MergeBatchNorm())
+    return Composite(str(data.get("name", "saved")), mapping, tuple(canon))
+
+
+def save(composite: str | Composite | Mapping[Any, RuleLike], path: str | os.PathLike, **extra):
+    """Write a composite to a JSON file (`to_json`), atomically: a temporary file beside
+    it, renamed into place, so that a crash never leaves half a file."""
+    path = Path(path)
+    text = json.dumps(to_json(composite, **extra), indent=2)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text + "\n")
+    os.replace(partial, path)
+
+
+def load(path: str | os.PathLike) -> Composite:
+    """Read a composite written by `save`.
+
+    Raises:
+      ValueError: a missing file, invalid JSON, or not an lrpjax composite.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no composite file {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable JSON composite: {error}") from None
+    try:
+        return from_json(data)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not an lrpjax composite: missing {error}") from None
