@@ -18,10 +18,12 @@ With :math:`R` a map of input x for the class t, :math:`f_t` the model's logit o
   one at a time; it is *insensitive* if the logit moves by less than ``eps``,
   :math:`|f_t(x) - f_t(x^{(p)})| < \epsilon`, and a *non-feature* if its normalised
   relevance :math:`|a_p| / \max_q |a_q| < \epsilon` (Quantus's ``abs=True``,
-  ``normalise=True``); the score counts the features where the two disagree (0: none;
-  lower is better). Features are pixels here: a pixel's relevance is its channel sum
-  :math:`a_p = \sum_c R_{pc}` and all its channels are replaced together (Quantus
-  broadcasts a channel-summed map to every channel and replaces one element at a time).
+  ``normalise=True``, whose maximum is the batch's: maps whose largest entries are 1 and
+  4 are both divided by 4 in one batch); the score counts the features where the two
+  disagree (0: none; lower is better). Features are pixels here: a pixel's relevance is
+  its channel sum :math:`a_p = \sum_c R_{pc}` and all its channels are replaced together
+  (Quantus broadcasts a channel-summed map to every channel and replaces one element at a
+  time, in index order: of an RGB image one channel of one pixel, 3 H W model passes).
   All pixels are perturbed by default (H x W model passes per image); ``samples=S``
   perturbs S pixels per image, drawn without replacement with ``key``, and counts the
   violations among those.
@@ -38,7 +40,13 @@ With :math:`R` a map of input x for the class t, :math:`f_t` the model's logit o
   padded border sees no shift) or the model transforms its input first: pass a
   ``shifted_model`` then, or ``strict=False`` to score anyway (as Quantus does). Its
   ``explain`` must explain a given model: ``explain(x, target, model=shifted)``
-  (`explain_fn` makes one from an explainer spec).
+  (`explain_fn` makes one from an explainer spec). Quantus's shift differs where the
+  first layer zero-pads: it sets each output channel's bias to :math:`2b - \min z`, with
+  :math:`z` the channel's response to the constant input m (``torch.unique(z)[0]``),
+  which is :math:`b - W m` only where the smallest response is an interior one; else it is
+  a border response, and no position is compensated. On the shipped miniVGG (a 3 x 3
+  SAME convolution first) every one of conv1's 32 channels differs, e.g. channel 21 with
+  m = -1: :math:`b - W m = -7.905` here, -3.589 in Quantus.
 
 The model's outputs are scored as logits (not probabilities), in eval mode, on a copy.
 

@@ -38,7 +38,9 @@ curve :math:`c_1, \dots, c_L` (unit spacing, as Quantus's ``np.trapz``), per ima
   (higher is better). Quantus 0.6.0's ``SensitivityN`` instead removes the top-n pixels
   (one subset per image), correlates over the images of a batch, and pairs cumulative
   output changes with the relevance of the last step only, so that its score depends on
-  the batch; this follows the paper: random subsets, one correlation per image and n.
+  the batch: it returns one number per step n, not per image (the Pearson correlation
+  over the images of the first batch only, where ``batch_size`` splits them); this
+  follows the paper: random subsets, one correlation per image and n.
 - `faithfulness_estimate` (Alvarez-Melis and Jaakkola 2018): the pixels, most relevant
   first, in groups of ``features_in_step``; each group G is removed alone, and the score
   is the Pearson correlation over the groups of :math:`\sum_{p \in G} a_p` and
@@ -65,7 +67,10 @@ curve :math:`c_1, \dots, c_L` (unit spacing, as Quantus's ``np.trapz``), per ima
   the explained class (Quantus's score; ``score="probability"`` or ``"logit"`` records
   the score instead); scored by the curve's mean over the percentages (MoRF: lower is
   better; LeRF: higher is better). Quantus averages the curve over the images instead
-  of over the percentages, and scores MoRF only.
+  of over the percentages, and scores MoRF only. Quantus 0.6.0's ``ROAD`` fails on
+  multi-channel images: it ranks the C H W entries of the map broadcast to every channel
+  and indexes the H W pixels of its imputation with those ranks (an IndexError: for a
+  32 x 32 RGB image, ranks up to 3071 into 1024 pixels).
 - `infidelity` (Yeh et al. 2019): ``samples`` Gaussian perturbations
   :math:`I \sim \mathcal N(0, \sigma^2)` of every input entry (drawn with ``key``),
   :math:`\mathrm{INFD} = \operatorname{mean}_I \big(I \cdot R - (f_t(x) - f_t(x - I))
@@ -73,8 +78,10 @@ curve :math:`c_1, \dots, c_L` (unit spacing, as Quantus's ``np.trapz``), per ima
   :math:`\beta = \operatorname{mean}(I \cdot R\, \Delta f) / \operatorname{mean}((I \cdot
   R)^2)`, as Yeh et al.'s code does (an (N, H, W) map is broadcast over the channels).
   Quantus 0.6.0's ``Infidelity`` is not Yeh's: it replaces square patches by a
-  deterministic baseline and repeats the identical computation ``n_perturb_samples``
-  times.
+  deterministic baseline, cumulatively in reading order (with 8 x 8 patches of a 32 x 32
+  image, its 16 perturbations remove patches 1, 1-2, ..., 1-16), scores the mean squared
+  gap between :math:`f_t(x) - f_t(x')` and :math:`\sum R\,(x - x')`, and repeats this
+  identical computation ``n_perturb_samples`` times.
 - `irof` (Rieger and Hansen 2020): the image is cut into SLIC superpixels (scikit-image,
   ``slic(x, start_label=0)`` with its defaults, as Quantus; an optional dependency, or
   pass ``segments``), ranked by their mean relevance and removed cumulatively, most
@@ -82,12 +89,15 @@ curve :math:`c_1, \dots, c_L` (unit spacing, as Quantus's ``np.trapz``), per ima
   recomputed at each step); with the curve :math:`c_k = f_t(x_{\setminus S_k}) / f_t(x)`,
   k = 1..L (L segments), the score is the area over it, :math:`L - \mathrm{AUC}(c)`
   (higher is better). Quantus pads the curves of a batch to its largest L with zeros,
-  which adds :math:`c_L / 2` to the area of an image with fewer segments; here each image
-  uses its own L.
+  which adds :math:`c_L / 2` to the AUC of an image with fewer segments (its score is
+  :math:`c_L / 2` lower); here each image uses its own L. Quantus 0.6.0's ``IROF`` fails on
+  multi-channel images: its segment mask, (N, 1, H, W), fails the shape check of its own
+  ``baseline_replacement_by_mask`` against the (N, C, H, W) images (an AssertionError).
 
-Quantus normalises each map by its largest absolute value first (``normalise=True``);
-every score here but infidelity is invariant to a positive scale, and Quantus's
-infidelity does not normalise (``normalise=False``), so no map is normalised.
+Quantus normalises the maps first (``normalise=True``: the whole batch by its largest
+absolute value, e.g. maps whose largest entries are 1 and 4 both divided by 4); every
+score here but infidelity is invariant to a positive scale, and Quantus's infidelity
+does not normalise (``normalise=False``), so no map is normalised.
 
 Every model-running metric builds all of its perturbed inputs from a small description
 of each (an image index and a step, a subset size or a random key) inside one

@@ -12,8 +12,10 @@ the mask and :math:`|s| = \sum_i s_i` its size, per image:
 - `pointing_game` (Zhang et al. 2018): 1 if a pixel of maximal relevance lies in the
   mask, else 0 (ties: a hit if any maximal pixel is in the mask, as in Quantus); with
   ``weighted=True`` a hit scores :math:`1 - |s| / n`, so that hitting a large mask counts
-  less (Quantus 0.6.0 writes this weight, and the NaN of an empty mask, into a boolean
-  array, so that its weighted hit stays 1 and its empty mask scores a hit);
+  less (Quantus 0.6.0's weighted variant fails: it writes the (k, 1) array of the weights
+  of its k hits into its 1-D boolean array of hits, which NumPy refuses with a TypeError;
+  e.g. k = 3 hits of 8 x 8 masks in 32 x 32 maps, weights 0.9375. It also writes the NaN
+  of an empty mask into that boolean array, so that an empty mask scores a hit, 1);
 - `relevance_mass_accuracy` (Arras et al. 2022): :math:`\sum_i s_i a_i / \sum_i a_i`, the
   share of the map's relevance that falls in the mask (of a signed map it can leave
   [0, 1]; NaN where :math:`\sum_i a_i = 0`, as Quantus's 0/0);
@@ -33,11 +35,12 @@ the mask and :math:`|s| = \sum_i s_i` its size, per image:
   trapezoidal ``auc`` give: 1 for the mask itself, 0 for its complement, 0.5 for a
   constant map. NaN where the mask is empty or full.
 
-Every score is NaN for an empty mask (as in Quantus). Quantus also normalises each map by
-its maximal absolute value (``normalise_by_max``) before scoring; a positive scale
-changes none of these scores, so it is not done here. Ranks (:math:`P_K`, :math:`P_k`)
-break ties by pixel index, row-major (Quantus's ``np.argsort`` breaks them arbitrarily).
-All metrics are jit-compiled and vmapped over the batch.
+Every score is NaN for an empty mask (as in Quantus, but for its pointing game). Quantus
+also normalises the maps before scoring (``normalise_by_max``: the whole batch by its
+largest absolute value, e.g. maps whose largest entries are 1 and 4 both divided by 4); a
+positive scale changes none of these scores, so it is not done here. Ranks
+(:math:`P_K`, :math:`P_k`) break ties by pixel index, row-major (Quantus's ``np.argsort``
+breaks them arbitrarily). All metrics are jit-compiled and vmapped over the batch.
 
 `synthetic_localisation` makes a benchmark with known evidence: a coloured square on grey
 noise, whose colour alone decides the class, so that the square is the mask a correct
@@ -374,8 +377,10 @@ def attribution_localisation(
     does this by default; Quantus's default (``abs=True``) scores :math:`|a_i|`, which is
     ``absolute=True`` here. Quantus's weighted variant multiplies by :math:`|s| / n`, with
     its n the size of ``x_batch[2:]`` (the batch less two images, so that the weight
-    depends on the batch size); this multiplies by :math:`n / |s|`, the chance level's
-    inverse, so that 1 is a uniform map's score for every mask size.
+    depends on the batch size: for a batch of 8 RGB 32 x 32 images and a 64-pixel mask,
+    64 / (6 * 3 * 1024) = 0.0035, where 64 / 1024 = 0.0625 was meant); this multiplies by
+    :math:`n / |s|`, the chance level's inverse, so that 1 is a uniform map's score for
+    every mask size.
 
     Args:
       maps: (N, H, W, C) or (N, H, W) relevance.

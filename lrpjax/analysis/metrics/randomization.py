@@ -15,7 +15,10 @@ count as changed (rank correlation 0 against a non-constant map).
 Random logit (Sixt et al. 2020; `random_logit`). The map of the explained class t is
 compared with the map of a class drawn uniformly from the others (with a ``jax.random``
 key, per image) by the structural similarity (`ssim`) of the two channel-summed maps,
-each normalised by its largest absolute value (Quantus's default ``normalise_by_max``);
+each normalised by its largest absolute value (Quantus's default ``normalise_by_max``,
+which divides each batch by its largest absolute value instead: maps whose largest
+entries are 1 and 4 are both divided by 4 in one batch, so that the SSIM of the first
+depends on the second; one image per batch gives the scores here);
 an explanation that is the same whatever class it explains does not explain the class
 (high similarity: lower is better). SSIM (Wang et al. 2004) is computed over 2-D windows,
 as ``skimage.metrics.structural_similarity``: by default with Wang et al.'s Gaussian

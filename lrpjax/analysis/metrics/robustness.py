@@ -12,9 +12,13 @@ entries. Per image:
 - `local_lipschitz_estimate` (Alvarez-Melis and Jaakkola 2018): with
   :math:`\delta_s \sim \mathcal N(0, \sigma^2)` (Quantus's ``perturb_std`` 0.1),
   :math:`\max_s \|R - R'_s\| / (\|x - x'_s\| + 10^{-10})` (lower is better). Quantus
-  normalises both maps by their largest absolute value first (``normalise=True``, its
-  default for this metric only); ``normalise=True`` does the same here (default False,
-  as for the other metrics, so that the estimate is of the explainer itself).
+  normalises the maps first (``normalise=True``, its default for this metric only), each
+  batch by its largest absolute value (the given maps as one batch, the re-explained
+  ones batch by batch), so that an image's estimate depends on the others of its batch;
+  ``normalise=True`` divides each map by its own largest absolute value here (default
+  False, as for the other metrics, so that the estimate is of the explainer itself). On
+  8 shipped images with LRP-epsilon maps the per-map estimates are 1.16 to 2.6 times
+  Quantus's of the 8 as one batch; with ``batch_size=1`` Quantus's are these.
 - `relative_input_stability` (Agarwal et al. 2022): with
   :math:`\delta_s \sim U[0.02, 0.2]` (Quantus's ``lower_bound`` and ``upper_bound``),
   :math:`\max_s \big\| (R - R'_s) / \tilde R \big\| \,/\, \max\big(\|(x - x'_s) / \tilde x\|,
@@ -350,7 +354,7 @@ def local_lipschitz_estimate(
         `max_sensitivity`.
       perturb_mean, perturb_std: the Gaussian noise added to every entry (Quantus's).
       normalise: divide both maps by their largest absolute value first (Quantus's
-        default for this metric).
+        default for this metric, which divides by the batch's; see the module docstring).
 
     Returns:
       (N,) float64 estimates >= 0: lower is more robust.
