@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
@@ -34,6 +33,7 @@ from flax import nnx
 
 from lrpjax.analysis import metrics
 from lrpjax.analysis.metrics.scoring import logits
+from lrpjax.bench import speed
 from lrpjax.peers import pytorch as peers_torch
 
 __all__ = ["METRICS", "benchmark_metrics", "table"]
@@ -324,21 +324,6 @@ def _pairs(model: nnx.Module, x: np.ndarray, names: Sequence[str]) -> dict[str, 
     return {name: table[name] for name in names}
 
 
-def _interleaved(ours: Callable, theirs: Callable, repeats: int) -> tuple[list, list]:
-    """Warm both up (compiling ours), then time them alternately, who goes first too."""
-    for fn in (ours, theirs, ours, theirs):
-        fn()
-    mine: list[float] = []
-    peer: list[float] = []
-    for r in range(repeats):
-        pairs = [(ours, mine), (theirs, peer)]
-        for fn, runs in pairs if r % 2 == 0 else pairs[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - t0)
-    return mine, peer
-
-
 def benchmark_metrics(
     model: nnx.Module,
     images: np.ndarray,
@@ -379,7 +364,7 @@ def benchmark_metrics(
         with _numpy_trapz():
             pairs = _pairs(model, images, METRICS if names is None else tuple(names))
             for name, (ours, theirs) in pairs.items():
-                mine, peer = _interleaved(ours, theirs, repeats)
+                _, mine, peer = speed.interleaved(ours, theirs, repeats)
                 o = 1e3 * statistics.median(mine) / len(images)
                 t = 1e3 * statistics.median(peer) / len(images)
                 report["metrics"][name] = {"ours_ms": o, "quantus_ms": t, "ratio": t / o}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -31,6 +32,7 @@ __all__ = [
     "benchmark",
     "fidelity",
     "fidelity_table",
+    "interleaved",
     "method_fn",
     "table",
     "train_throughput",
@@ -277,3 +279,28 @@ def table(report: dict) -> str:
             f"{t['images_per_second']:.0f} | - | - | - | {t['compile_s']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def interleaved(
+    ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int
+) -> tuple[float, list[float], list[float]]:
+    """Compile and warm up both, then time them alternately (who goes first alternates too).
+
+    Returns:
+      ``(compile seconds of ours, our run times, their run times)``.
+    """
+    t0 = time.perf_counter()
+    ours()
+    compile_s = time.perf_counter() - t0
+    ours()
+    theirs()
+    theirs()
+    mine: list[float] = []
+    peer: list[float] = []
+    for r in range(repeats):
+        pairs = [(ours, mine), (theirs, peer)]
+        for fn, runs in pairs if r % 2 == 0 else pairs[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+    return compile_s, mine, peer

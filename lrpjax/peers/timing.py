@@ -37,31 +37,6 @@ __all__ = ["METHODS", "benchmark_peer", "environment", "run_peer", "table"]
 METHODS: tuple[str, ...] = ("forward", "gradient", *(f"lrp:{p}" for p in PRESETS))
 
 
-def _interleaved(
-    ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int
-) -> tuple[float, list[float], list[float]]:
-    """Compile and warm up both, then time them alternately (who goes first alternates too).
-
-    Returns:
-      ``(compile seconds of ours, our run times, their run times)``.
-    """
-    t0 = time.perf_counter()
-    ours()
-    compile_s = time.perf_counter() - t0
-    ours()
-    theirs()
-    theirs()
-    mine: list[float] = []
-    peer: list[float] = []
-    for r in range(repeats):
-        pairs = [(ours, mine), (theirs, peer)]
-        for fn, runs in pairs if r % 2 == 0 else pairs[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - t0)
-    return compile_s, mine, peer
-
-
 def _torch_method(
     model: nnx.Module, net: Any, method: str, x: np.ndarray
 ) -> tuple[Callable[[], Any], Callable[[], None]]:
@@ -189,7 +164,7 @@ def benchmark_peer(
             compiled = (jax.jit if method == "forward" else compilation.jit)(fn)
             theirs, cleanup = _torch_method(model, net, method, x)
             try:
-                compile_s, mine, peer = _interleaved(
+                compile_s, mine, peer = speed.interleaved(
                     lambda compiled=compiled, state=state: jax.block_until_ready(
                         compiled(state, xj)
                     ),
